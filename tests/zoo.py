@@ -1,0 +1,108 @@
+"""Tiny random models for tests: every architecture the passes must handle, built offline in milliseconds."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB = 128
+
+
+def tiny_llama(layers: int = 2, heads: int = 4, kv_heads: int = 2, hidden: int = 64, inter: int = 96,
+               attn: str = "sdpa", tie: bool = False) -> LlamaForCausalLM:
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+                      tie_word_embeddings=tie, attn_implementation=attn)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_mistral(layers: int = 2, attn: str = "sdpa") -> MistralForCausalLM:
+    cfg = MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256,
+                        sliding_window=None, attn_implementation=attn)
+    return MistralForCausalLM(cfg).eval()
+
+
+def tiny_qwen2(layers: int = 2, attn: str = "sdpa") -> Qwen2ForCausalLM:
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      attn_implementation=attn)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(layers: int = 2, attn: str = "sdpa") -> GPT2LMHeadModel:
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=layers, n_head=4, n_positions=256,
+                     bos_token_id=0, eos_token_id=0, attn_implementation=attn)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_opt(layers: int = 2, attn: str = "sdpa") -> OPTForCausalLM:
+    cfg = OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=layers, num_attention_heads=4,
+                    max_position_embeddings=256, word_embed_proj_dim=64, bos_token_id=0, eos_token_id=0,
+                    pad_token_id=1, attn_implementation=attn)
+    return OPTForCausalLM(cfg).eval()
+
+
+def tiny_bert(layers: int = 2, attn: str = "sdpa") -> BertModel:
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                     num_attention_heads=4, max_position_embeddings=256, attn_implementation=attn)
+    return BertModel(cfg, add_pooling_layer=False).eval()
+
+
+class TinyCNN(nn.Module):
+    """conv-bn-relu stem, a residual block (add) and a concat of two branches, then a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.block_conv1 = nn.Conv2d(16, 24, 3, padding=1)
+        self.block_bn1 = nn.BatchNorm2d(24)
+        self.block_conv2 = nn.Conv2d(24, 16, 3, padding=1)
+        self.branch_a = nn.Conv2d(16, 8, 1)
+        self.branch_b = nn.Conv2d(16, 12, 1)
+        self.head = nn.Linear(20, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn0(self.stem(x)))
+        x = x + self.block_conv2(torch.relu(self.block_bn1(self.block_conv1(x))))
+        y = torch.cat([self.branch_a(x), self.branch_b(x)], dim=1)
+        return self.head(y.mean(dim=(2, 3)))
+
+
+def tiny_cnn() -> TinyCNN:
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    for m in model.modules():  # non-trivial running stats, so BN slicing is actually checked
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def token_ids(batch: int = 2, seq: int = 8, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, VOCAB, (batch, seq), generator=g)
+
+
+LM_ZOO = {
+    "llama": tiny_llama,
+    "mistral": tiny_mistral,
+    "qwen2": tiny_qwen2,
+    "gpt2": tiny_gpt2,
+    "opt": tiny_opt,
+}
