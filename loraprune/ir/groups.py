@@ -1,0 +1,54 @@
+"""Channel groups: the units a pruning plan removes together, and what was frozen and why."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["ChannelGroup", "FrozenDim", "GROUP_KINDS"]
+
+GROUP_KINDS = ("attention", "mlp", "hidden", "channel")
+
+
+@dataclass
+class ChannelGroup:
+    """Coupled channels of several parameters, split into units that are kept or removed as one.
+
+    `members` maps (state_dict name, dim) to the unit id of each index along that dim (-1 where the index
+    belongs to another group or is frozen). For attention under GQA, `kv_members` holds the KV-head units
+    and `kv_of_unit` the KV unit each query-head unit reads; removing a KV unit removes its query heads.
+    """
+
+    name: str
+    kind: str
+    num_units: int
+    unit_size: int
+    members: dict[tuple[str, int], np.ndarray]
+    order: int = 0
+    layer: int | None = None
+    kv_members: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
+    num_kv_units: int = 0
+    kv_of_unit: np.ndarray | None = None
+
+    @property
+    def params(self) -> list[str]:
+        return sorted({p for p, _ in self.members} | {p for p, _ in self.kv_members})
+
+    def describe(self) -> dict:
+        out = {"name": self.name, "kind": self.kind, "units": self.num_units, "unit_size": self.unit_size,
+               "members": [f"{p}[{d}]" for p, d in self.members]}
+        if self.num_kv_units:
+            out["kv_units"] = self.num_kv_units
+            out["kv_members"] = [f"{p}[{d}]" for p, d in self.kv_members]
+        return out
+
+
+@dataclass(frozen=True)
+class FrozenDim:
+    """Why channels were frozen: the node and op with no rule (or the model boundary) and what it froze."""
+
+    node: str
+    op: str
+    reason: str
+    params: tuple[str, ...] = ()

@@ -1,0 +1,177 @@
+"""Channel atoms and the couplings between them, solved at the end by a vectorised union-find.
+
+Every channel of every parameter dim is an *atom* (an int). Each graph value carries an int64 array of
+atoms with the value's rank: a dim that carries channels has its full size, any other dim has size 1, and
+-1 marks "no channel" (constants, batch and sequence positions). Op rules record three relations:
+
+- equal:   two atoms must be kept or removed together (a linear's input column and the producer's row);
+- depends: a child atom exists only while its parent does (a KV head broadcast to the query heads that
+           read it under GQA; a scalar gain broadcast over channels);
+- frozen:  the atom must never be removed (model inputs/outputs, ops with no rule, data-indexed rows).
+
+Relations are only recorded while walking the graph; `solve` turns them into classes in one go, so the walk
+stays linear in the graph size even for 8B-parameter shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["NO_CHANNEL", "CouplingState", "Solution", "connected_components"]
+
+NO_CHANNEL = -1
+
+
+def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Smallest atom id of each atom's component (min-label propagation with pointer jumping)."""
+    label = np.arange(n, dtype=np.int64)
+    if len(a) == 0:
+        return label
+    while True:
+        la, lb = label[a], label[b]
+        low = np.minimum(la, lb)
+        new = label.copy()
+        np.minimum.at(new, la, low)
+        np.minimum.at(new, lb, low)
+        while True:  # pointer jumping: point every atom at its root's label
+            jumped = new[new]
+            if np.array_equal(jumped, new):
+                break
+            new = jumped
+        if np.array_equal(new, label):
+            return label
+        label = new
+
+
+@dataclass
+class Solution:
+    """Classes of atoms once all relations are solved."""
+
+    root: np.ndarray  # class id (smallest atom) of each atom
+    frozen: np.ndarray  # bool per class root
+    residual: np.ndarray  # bool per class root: channels summed from different producers
+    reduced: np.ndarray  # bool per class root: channels reduced over (norm statistics, softmax)
+    head: np.ndarray  # bool per class root: channels that index attention heads
+    parent_pairs: np.ndarray  # [k, 2] (child root, parent root), unique
+
+
+class CouplingState:
+    """Allocates atoms and records relations between them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.origin: list[np.ndarray] = []  # producing parameter id per atom block, -1 for derived atoms
+        self._eq: list[tuple[np.ndarray, np.ndarray]] = []
+        self._sum: list[tuple[np.ndarray, np.ndarray]] = []
+        self._dep: list[tuple[np.ndarray, np.ndarray]] = []
+        self._frozen: list[np.ndarray] = []
+        self._reduced: list[np.ndarray] = []
+        self._head: list[np.ndarray] = []
+
+    # -- allocation -------------------------------------------------------------------------------------
+    def fresh(self, shape: tuple[int, ...], origin: int = -1) -> np.ndarray:
+        n = int(np.prod(shape)) if shape else 1
+        atoms = np.arange(self.count, self.count + n, dtype=np.int64).reshape(shape)
+        self.count += n
+        self.origin.append(np.full(n, origin, dtype=np.int64))
+        return atoms
+
+    def fresh_frozen(self, ndim: int) -> np.ndarray:
+        """One frozen atom broadcast over a value whose channels nobody understands."""
+        atoms = self.fresh((1,) * ndim)
+        self.freeze(atoms)
+        return atoms
+
+    # -- relations -------------------------------------------------------------------------------------
+    @staticmethod
+    def _pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        a, b = np.broadcast_arrays(a, b)
+        a, b = a.ravel(), b.ravel()
+        keep = (a >= 0) & (b >= 0)
+        return a[keep], b[keep]
+
+    def equal(self, a: np.ndarray, b: np.ndarray, summed: bool = False) -> None:
+        """Tie atoms elementwise (numpy broadcasting). Where exactly one side has no channel, the channel
+        meets a constant it cannot be sliced with, so it is frozen."""
+        x, y = np.broadcast_arrays(a, b)
+        lone = (x >= 0) != (y >= 0)
+        if lone.any():
+            self.freeze(np.where(x >= 0, x, y)[lone])
+        pa, pb = self._pairs(a, b)
+        self._eq.append((pa, pb))
+        if summed:
+            self._sum.append((pa, pb))
+
+    def merge_along(self, atoms: np.ndarray, axis: int) -> np.ndarray:
+        """Channels along `axis` move as one (e.g. head_dim inside a head); returns the representatives."""
+        if atoms.shape[axis] == 1:
+            return atoms
+        first = np.take(atoms, [0], axis=axis)
+        pa, pb = self._pairs(atoms, first)
+        self._eq.append((pa, pb))
+        return first
+
+    def depends(self, child: np.ndarray, parent: np.ndarray) -> None:
+        self._dep.append(self._pairs(child, parent))
+
+    def freeze(self, atoms: np.ndarray) -> None:
+        atoms = np.asarray(atoms).ravel()
+        self._frozen.append(atoms[atoms >= 0])
+
+    def mark_reduced(self, atoms: np.ndarray) -> None:
+        atoms = np.asarray(atoms).ravel()
+        self._reduced.append(atoms[atoms >= 0])
+
+    def mark_head(self, atoms: np.ndarray) -> None:
+        atoms = np.asarray(atoms).ravel()
+        self._head.append(atoms[atoms >= 0])
+
+    def copies(self, parent: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """Fresh atoms of `shape` that each depend on the parent they were broadcast from."""
+        child = self.fresh(shape)
+        self.depends(child, np.broadcast_to(parent, shape))
+        return child
+
+    # -- solving ---------------------------------------------------------------------------------------
+    def _flag(self, parts: list[np.ndarray], root: np.ndarray) -> np.ndarray:
+        flag = np.zeros(self.count, dtype=bool)
+        if parts:
+            flag[root[np.concatenate(parts)]] = True
+        return flag
+
+    def solve(self) -> Solution:
+        eq_a = np.concatenate([p[0] for p in self._eq]) if self._eq else np.zeros(0, np.int64)
+        eq_b = np.concatenate([p[1] for p in self._eq]) if self._eq else np.zeros(0, np.int64)
+        dep = np.stack([np.concatenate([p[0] for p in self._dep]), np.concatenate([p[1] for p in self._dep])], 1) \
+            if self._dep else np.zeros((0, 2), np.int64)
+        root = connected_components(self.count, eq_a, eq_b)
+        # A child that reads several parents (a query head reads its KV head's key and value) needs them all:
+        # such parents are kept or removed together.
+        if len(dep):
+            pairs = np.unique(np.stack([root[dep[:, 0]], root[dep[:, 1]]], 1), axis=0)
+            pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+            first_parent = {}
+            extra_a, extra_b = [], []
+            for child, parent in pairs:
+                if child in first_parent:
+                    extra_a.append(first_parent[child])
+                    extra_b.append(parent)
+                else:
+                    first_parent[child] = parent
+            if extra_a:
+                eq_a = np.concatenate([eq_a, np.array(extra_a)])
+                eq_b = np.concatenate([eq_b, np.array(extra_b)])
+                root = connected_components(self.count, eq_a, eq_b)
+            pairs = np.unique(np.stack([root[dep[:, 0]], root[dep[:, 1]]], 1), axis=0)
+            dep = pairs[pairs[:, 0] != pairs[:, 1]]
+        origin = np.concatenate(self.origin) if self.origin else np.zeros(0, np.int64)
+        residual = np.zeros(self.count, dtype=bool)
+        if self._sum:
+            sa = np.concatenate([p[0] for p in self._sum])
+            sb = np.concatenate([p[1] for p in self._sum])
+            across = (origin[sa] != origin[sb]) & (origin[sa] >= 0) & (origin[sb] >= 0)
+            residual[root[sa[across]]] = True
+        return Solution(root, self._flag(self._frozen, root), residual, self._flag(self._reduced, root),
+                        self._flag(self._head, root), dep)

@@ -1,0 +1,220 @@
+"""The dependency pass: propagate channel atoms through the ATen graph and group coupled channels.
+
+Entry point: `analyze(model, example_inputs)` or `build_groups(program)`. Works on meta-device models
+(only shapes are read), so the groups of an 8B-parameter model can be computed without its weights.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from loraprune.ir.groups import ChannelGroup, FrozenDim
+from loraprune.ir.trace import TracedProgram, trace
+from loraprune.passes.coupling import NO_CHANNEL, CouplingState, Solution
+from loraprune.passes.rules import RULES, ParamAxes, RuleContext, op_key, unknown_op
+
+__all__ = ["Analysis", "analyze", "build_groups"]
+
+# PEFT's LoRA rank dims are adapter internals, never pruned as channels.
+_ADAPTER_RANK_DIMS = (("lora_A", 0), ("lora_B", 1), ("lora_embedding_A", 1), ("lora_embedding_B", 0))
+
+
+@dataclass
+class Analysis:
+    """Groups (prunable units), frozen reports and the traced program they were computed on."""
+
+    groups: list[ChannelGroup]
+    frozen: list[FrozenDim]
+    program: TracedProgram
+    param_shapes: dict[str, tuple[int, ...]]
+
+    def by_kind(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for g in self.groups:
+            counts[g.kind] = counts.get(g.kind, 0) + 1
+        return counts
+
+
+def analyze(model: nn.Module, example_inputs: tuple | torch.Tensor) -> Analysis:
+    """Trace `model` and find its coupled channel groups."""
+    return build_groups(trace(model, example_inputs))
+
+
+def _is_rank_dim(name: str, dim: int) -> bool:
+    return any(f".{key}." in f".{name}." and dim == d for key, d in _ADAPTER_RANK_DIMS)
+
+
+def _walk(program: TracedProgram, state: CouplingState):
+    """Seed atoms on parameters and model inputs, apply one rule per node, freeze the model boundary."""
+    atoms: dict[str, object] = {}
+    param_atoms: dict[tuple[str, int], np.ndarray] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    reports: list[tuple[str, str, str, np.ndarray]] = []
+    ctx = RuleContext(state, atoms)
+    param_ids = {name: i for i, name in enumerate(program.param_of_input.values())}
+    for node in program.graph.nodes:
+        if node.op == "placeholder":
+            val = node.meta.get("val")
+            name = program.param_of_input.get(node.name)
+            persistent = name is not None and name in program.aliases  # non-persistent buffers are constants
+            if persistent and isinstance(val, torch.Tensor) and val.is_floating_point() and val.dim() > 0:
+                shape = tuple(int(s) for s in val.shape)
+                shapes[name] = shape
+                axes = tuple(state.fresh((n,), origin=param_ids[name]) for n in shape)
+                for d, axis in enumerate(axes):
+                    param_atoms[(name, d)] = axis
+                    if _is_rank_dim(name, d):
+                        state.freeze(axis)
+                if not node.users:
+                    for axis in axes:
+                        state.freeze(axis)
+                atoms[node.name] = axes[0] if len(axes) == 1 else ParamAxes(axes)
+            elif isinstance(val, torch.Tensor) and node.name in program.user_inputs and val.is_floating_point():
+                atoms[node.name] = state.fresh_frozen(val.dim())  # model inputs: their channels are fixed
+            elif isinstance(val, torch.Tensor):
+                atoms[node.name] = np.full((1,) * val.dim(), NO_CHANNEL, dtype=np.int64)
+        elif node.op == "call_function":
+            key = op_key(node)
+            inputs = [atoms.get(a.name) for a in node.all_input_nodes]
+            if all(_no_channels(a) for a in inputs) and key != "getitem":
+                atoms[node.name] = unknown_op(ctx, node)  # constants in, constants out
+                continue
+            rule = RULES.get(key)
+            if rule is None:
+                before = len(state._frozen)
+                atoms[node.name] = unknown_op(ctx, node)
+                touched = np.concatenate(state._frozen[before:]) if len(state._frozen) > before else np.zeros(0)
+                reports.append((node.name, key, "no dependency rule for this op", touched.astype(np.int64)))
+            else:
+                try:
+                    atoms[node.name] = rule(ctx, node)
+                except Exception as err:  # a rule that cannot read this call is a missing rule, not a crash
+                    before = len(state._frozen)
+                    atoms[node.name] = unknown_op(ctx, node)
+                    touched = np.concatenate(state._frozen[before:]) if len(state._frozen) > before \
+                        else np.zeros(0)
+                    reports.append((node.name, key, f"rule failed: {type(err).__name__}: {err}",
+                                    touched.astype(np.int64)))
+        elif node.op == "output":
+            for arg in node.all_input_nodes:
+                value = atoms.get(arg.name)
+                parts = value.axes if isinstance(value, ParamAxes) else value if isinstance(value, list) else [value]
+                for part in parts:
+                    if isinstance(part, np.ndarray):
+                        state.freeze(part)  # what the model returns keeps its shape
+        else:
+            before = len(state._frozen)
+            atoms[node.name] = unknown_op(ctx, node)
+            reports.append((node.name, str(node.target), f"unsupported node kind {node.op}",
+                            np.zeros(0, np.int64)))
+    return param_atoms, shapes, reports
+
+
+def _no_channels(atoms: object) -> bool:
+    if atoms is None:
+        return True
+    if isinstance(atoms, ParamAxes):
+        return False
+    if isinstance(atoms, list):
+        return all(_no_channels(a) for a in atoms)
+    return bool((np.asarray(atoms) < 0).all())
+
+
+def _module_of(names: list[str]) -> str:
+    parts = [n.split(".")[:-1] for n in names]
+    common = os.path.commonprefix(parts) if parts else []
+    return ".".join(common) if common else "model"
+
+
+def build_groups(program: TracedProgram) -> Analysis:
+    state = CouplingState()
+    param_atoms, shapes, reports = _walk(program, state)
+    sol = state.solve()
+    keys = list(param_atoms)
+    roots = [sol.root[param_atoms[k]] for k in keys]
+    groups = _assemble(keys, roots, sol, program, shapes)
+    frozen = []
+    for node, op, reason, touched in reports:
+        hit = set(sol.root[touched]) if len(touched) else set()
+        params = tuple(sorted({k[0] for k, r in zip(keys, roots, strict=True) if hit and hit & set(r.tolist())}))
+        frozen.append(FrozenDim(node, op, reason, params))
+    return Analysis(groups, frozen, program, shapes)
+
+
+def _assemble(keys: list[tuple[str, int]], roots: list[np.ndarray], sol: Solution,
+              program: TracedProgram, program_shapes: dict[str, tuple[int, ...]]) -> list[ChannelGroup]:
+    """Classes with the same members (same params and dims, same channel counts) form one group."""
+    rng = np.random.default_rng(0)
+    salt = rng.integers(1, 2**62, size=len(keys), dtype=np.int64).astype(np.uint64)
+    all_roots = np.concatenate(roots)
+    all_member = np.concatenate([np.full(len(r), i) for i, r in enumerate(roots)])
+    pair_key, counts = np.unique(all_roots * len(keys) + all_member, return_counts=True)
+    pair_root, pair_member = pair_key // len(keys), pair_key % len(keys)
+    signature = np.zeros(sol.root.shape[0], dtype=np.uint64)
+    np.add.at(signature, pair_root, salt[pair_member] * (counts.astype(np.uint64) + np.uint64(1)))
+
+    parents = {int(c): int(p) for c, p in sol.parent_pairs if sol.head[c]}
+    parent_set = set(parents.values())
+    blocked = sol.frozen | (sol.reduced & ~sol.residual)
+    for c, p in sol.parent_pairs:  # a broadcast parent outside attention is never removed
+        if not (sol.head[c] and int(c) in parents):
+            blocked[p] = True
+    class_roots = np.unique(all_roots)
+    ordinary = [r for r in class_roots if not blocked[r] and int(r) not in parent_set]
+    by_sig: dict[int, list[int]] = {}
+    for r in ordinary:
+        by_sig.setdefault(int(signature[r]), []).append(int(r))
+
+    order_of = {name: i for i, name in enumerate(program.param_of_input.values())}
+    groups = []
+    for units in by_sig.values():
+        unit_id = {r: u for u, r in enumerate(units)}
+        members = _members(keys, roots, unit_id)
+        if len(members) < 2:  # a channel seen by one tensor only has no producer/consumer pair to shrink
+            continue
+        kind = _kind(units, sol, members, [program_shapes[p] for p, _ in members])
+        kv_members, kv_of_unit, num_kv = {}, None, 0
+        if kind == "attention" and all(u in parents for u in units):
+            kv_roots = sorted({parents[u] for u in units})
+            if not any(blocked[k] for k in kv_roots):
+                kv_id = {r: i for i, r in enumerate(kv_roots)}
+                kv_members = _members(keys, roots, kv_id)
+                kv_of_unit = np.array([kv_id[parents[u]] for u in units])
+                num_kv = len(kv_roots)
+        names = [p for p, _ in members] + [p for p, _ in kv_members]
+        unit_size = min(int((ids >= 0).sum()) // len(units) for ids in members.values())
+        order = min(order_of.get(p, 0) for p in names)
+        name = "hidden" if kind == "hidden" else _module_of(names)
+        groups.append(ChannelGroup(name, kind, len(units), unit_size, members, order, None, kv_members, num_kv,
+                                   kv_of_unit))
+    groups.sort(key=lambda g: (g.order, g.kind))
+    for kind in {g.kind for g in groups}:
+        same = [g for g in groups if g.kind == kind]
+        if len(same) > 1:
+            for layer, g in enumerate(same):
+                g.layer = layer
+    return groups
+
+
+def _members(keys: list[tuple[str, int]], roots: list[np.ndarray], unit_id: dict[int, int]):
+    lookup = np.vectorize(lambda r: unit_id.get(int(r), -1), otypes=[np.int64])
+    members = {}
+    wanted = np.array(sorted(unit_id), dtype=np.int64)
+    for key, r in zip(keys, roots, strict=True):
+        if np.isin(r, wanted).any():
+            members[key] = lookup(r)
+    return members
+
+
+def _kind(units: list[int], sol: Solution, members: dict, shapes: list[tuple[int, ...]]) -> str:
+    if any(sol.head[u] for u in units):
+        return "attention"
+    if any(sol.residual[u] for u in units):
+        return "hidden"
+    per_unit = {int((ids >= 0).sum()) // len(units) for ids in members.values()}
+    return "mlp" if per_unit == {1} and all(len(shape) <= 2 for shape in shapes) else "channel"
