@@ -1,0 +1,97 @@
+"""The public verbs: analyze a model, prune it."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from loraprune.ir.groups import ChannelGroup
+from loraprune.ir.plan import PrunePlan
+from loraprune.ir.trace import trace
+from loraprune.passes.dependency import Analysis, build_groups
+from loraprune.passes.importance import CRITERIA, GroupScores
+from loraprune.passes.macs import count_macs
+from loraprune.passes.rewrite import apply_plan, make_plan
+from loraprune.passes.select import SelectConfig, select_units
+
+__all__ = ["PruneResult", "count_params", "prune"]
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module
+    plan: PrunePlan
+    groups: list[ChannelGroup]
+    report: dict
+    kept_units: dict = field(default_factory=dict)
+    analysis: Analysis | None = None
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def prune(model: nn.Module, example_inputs: tuple | torch.Tensor, ratio: float = 0.2,
+          criterion: str = "magnitude", config: SelectConfig | None = None, scores: GroupScores | None = None,
+          analysis: Analysis | None = None, seed: int = 0) -> PruneResult:
+    """Prune `model` to a compact copy. The input model is never modified.
+
+    `ratio` is the fraction of each prunable group's units removed (heads, MLP channels); `config` holds
+    the other selection options. `scores` (from any criterion, e.g. LoRA-guided) overrides `criterion`.
+    """
+    config = config or SelectConfig(ratio=ratio)
+    if config.ratio != ratio and ratio != 0.2:
+        config = SelectConfig(**{**config.to_dict(), "ratio": ratio})
+    if scores is None and criterion not in CRITERIA:
+        raise ValueError(f"unknown criterion {criterion!r}; known: {', '.join(sorted(CRITERIA))}")
+    timings = {}
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    start = time.perf_counter()
+    if analysis is None:
+        analysis = build_groups(trace(model, example_inputs))
+    timings["trace_and_dependency"] = time.perf_counter() - start
+    start = time.perf_counter()
+    if scores is None:
+        scores = CRITERIA[criterion](model, analysis.groups, seed=seed)
+    timings["importance"] = time.perf_counter() - start
+    start = time.perf_counter()
+    kept = select_units(analysis.groups, scores.units, config, scores.kv)
+    plan = make_plan(analysis.groups, kept, analysis.param_shapes, analysis.program.aliases,
+                     meta={"criterion": criterion, "select": config.to_dict()})
+    compact = apply_plan(model, plan)
+    timings["rewrite"] = time.perf_counter() - start
+    start = time.perf_counter()
+    macs_before = count_macs(analysis.program.graph)
+    macs_after = count_macs(trace(compact, example_inputs).graph)
+    timings["count_macs"] = time.perf_counter() - start
+    report = _report(model, compact, analysis, kept, config, criterion, macs_before, macs_after, timings)
+    return PruneResult(compact, plan, analysis.groups, report, kept, analysis)
+
+
+def _report(model, compact, analysis, kept, config, criterion, macs_before, macs_after, timings) -> dict:
+    pruned = {}
+    for g in analysis.groups:
+        if len(kept[g.name]) < g.num_units:
+            pruned[g.kind] = pruned.get(g.kind, 0) + 1
+    units_total = sum(g.num_units for g in analysis.groups if g.kind != "hidden" or config.prune_hidden)
+    units_kept = sum(len(kept[g.name]) for g in analysis.groups if g.kind != "hidden" or config.prune_hidden)
+    before, after = count_params(model), count_params(compact)
+    return {
+        "ratio": config.ratio, "criterion": criterion, "select": config.to_dict(),
+        "params_before": before, "params_after": after, "params_removed_fraction": 1 - after / before,
+        "macs_before": macs_before, "macs_after": macs_after,
+        "units_removed_fraction": 1 - units_kept / max(units_total, 1),
+        "groups": analysis.by_kind(), "groups_pruned": pruned,
+        "frozen": [{"node": f.node, "op": f.op, "reason": f.reason, "params": list(f.params)}
+                   for f in analysis.frozen],
+        "timings": timings,
+    }
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)

@@ -1,0 +1,97 @@
+"""Importance criteria: a score per unit of every group. Criteria live in one table, looked up by name.
+
+Every criterion reduces to an element-importance tensor per parameter; `group_scores` sums it into units,
+normalising each member (parameter, dim) so that a big matrix does not outvote a small one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from loraprune.ir.groups import ChannelGroup
+
+__all__ = ["CRITERIA", "GroupScores", "group_scores", "index_scores", "register_criterion"]
+
+
+@dataclass
+class GroupScores:
+    """Scores per unit (and per KV unit for GQA attention), keyed by group name."""
+
+    units: dict[str, np.ndarray] = field(default_factory=dict)
+    kv: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+Criterion = Callable[..., GroupScores]
+CRITERIA: dict[str, Criterion] = {}
+
+
+def register_criterion(name: str) -> Callable[[Criterion], Criterion]:
+    def wrap(fn: Criterion) -> Criterion:
+        if name in CRITERIA:
+            raise ValueError(f"duplicate criterion {name}")
+        CRITERIA[name] = fn
+        return fn
+
+    return wrap
+
+
+def index_scores(element: torch.Tensor, dim: int) -> np.ndarray:
+    """Sum of an element-importance tensor over every dim but `dim`."""
+    dims = [d for d in range(element.dim()) if d != dim]
+    reduced = element.sum(dim=dims) if dims else element
+    return reduced.detach().double().cpu().numpy()
+
+
+def _units(members: dict[tuple[str, int], np.ndarray], n: int, per_index: dict[tuple[str, int], np.ndarray]):
+    total = np.zeros(n)
+    for key, ids in members.items():
+        if key not in per_index:
+            continue
+        s = per_index[key]
+        inside = ids >= 0
+        norm = s[inside].sum()
+        if norm > 0:
+            total += np.bincount(ids[inside], s[inside] / norm, minlength=n)
+    return total
+
+
+def group_scores(groups: list[ChannelGroup], per_index: dict[tuple[str, int], np.ndarray]) -> GroupScores:
+    out = GroupScores()
+    for g in groups:
+        out.units[g.name] = _units(g.members, g.num_units, per_index)
+        if g.num_kv_units:
+            out.kv[g.name] = _units(g.kv_members, g.num_kv_units, per_index)
+    return out
+
+
+def _element_scores(model: nn.Module, groups: list[ChannelGroup], element: Callable[[torch.Tensor], torch.Tensor]):
+    state = model.state_dict()
+    per_index = {}
+    for g in groups:
+        for key in list(g.members) + list(g.kv_members):
+            if key not in per_index:
+                per_index[key] = index_scores(element(state[key[0]].float()), key[1])
+    return group_scores(groups, per_index)
+
+
+@register_criterion("magnitude")
+def magnitude(model: nn.Module, groups: list[ChannelGroup], **_: object) -> GroupScores:
+    """L2 magnitude of a unit's weights (squared, summed over its rows/columns in every member)."""
+    return _element_scores(model, groups, lambda w: w.pow(2))
+
+
+@register_criterion("random")
+def random(model: nn.Module, groups: list[ChannelGroup], seed: int = 0, **_: object) -> GroupScores:
+    """Seeded random scores: the floor any criterion must beat."""
+    rng = np.random.default_rng(seed)
+    out = GroupScores()
+    for g in groups:
+        out.units[g.name] = rng.random(g.num_units)
+        if g.num_kv_units:
+            out.kv[g.name] = rng.random(g.num_kv_units)
+    return out

@@ -1,0 +1,187 @@
+"""The rewrite pass: physically shrink every tensor of a plan and patch the shapes that depended on it.
+
+Tensors are sliced (weights, biases, norm weights, buffers, PEFT LoRA factors alike: they are members of
+the same groups); module attributes that encode sizes are then patched from one table, keyed by the
+attribute name, so a new architecture needs at most a new row, never a new code path.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+from loraprune.ir.groups import ChannelGroup
+from loraprune.ir.plan import PlanError, PrunePlan
+
+__all__ = ["apply_plan", "make_plan", "masked_copy"]
+
+# attribute name -> how its new value follows from the new attention shape (heads, kv_heads, head_dim)
+ATTENTION_ATTRS = {
+    "num_heads": lambda h, kv, d: h,
+    "num_attention_heads": lambda h, kv, d: h,
+    "n_head": lambda h, kv, d: h,
+    "n_heads": lambda h, kv, d: h,
+    "num_key_value_heads": lambda h, kv, d: kv,
+    "num_kv_heads": lambda h, kv, d: kv,
+    "n_kv_heads": lambda h, kv, d: kv,
+    "num_key_value_groups": lambda h, kv, d: h // kv,
+    "all_head_size": lambda h, kv, d: h * d,
+    "split_size": lambda h, kv, d: h * d,
+    "inner_dim": lambda h, kv, d: h * d,
+}
+
+
+def _module_sizes(module: nn.Module) -> None:
+    """Size attributes of standard layers, read back from their (sliced) tensors."""
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        return
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = w.shape
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        module.out_channels, module.in_channels = w.shape[0], w.shape[1] * module.groups
+    elif isinstance(module, nn.Embedding):
+        module.num_embeddings, module.embedding_dim = w.shape
+    elif isinstance(module, nn.LayerNorm):
+        module.normalized_shape = tuple(w.shape)
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
+        module.num_features = w.shape[0]
+    elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # HF GPT-2 style [in, out] weights
+        module.nx, module.nf = w.shape
+
+
+def make_plan(groups: list[ChannelGroup], kept_units: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]],
+              aliases: dict[str, list[str]] | None = None, meta: dict | None = None) -> PrunePlan:
+    """Turn kept units into kept indices per (parameter, dim); tied names (aliases) get the same entry."""
+    removed: dict[tuple[str, int], np.ndarray] = {}
+    group_of: dict[str, list[str]] = {}
+    attention: dict[str, dict[str, int]] = {}
+    sizes: dict[str, dict] = {}
+    for g in groups:
+        keep = np.asarray(kept_units.get(g.name, np.arange(g.num_units)))
+        keep_kv = np.unique(g.kv_of_unit[keep]) if g.num_kv_units else None
+        for table, kept in ((g.members, keep), (g.kv_members, keep_kv)):
+            for key, ids in table.items():
+                gone = (ids >= 0) & ~np.isin(ids, kept)
+                removed[key] = removed.get(key, np.zeros(len(ids), bool)) | gone
+                group_of.setdefault(key[0], [])
+                if g.name not in group_of[key[0]]:
+                    group_of[key[0]].append(g.name)
+        sizes[g.name] = {"kind": g.kind, "units": g.num_units, "kept": int(len(keep)), "unit_size": g.unit_size}
+        if g.kind == "attention":
+            attention[g.name] = {"heads": int(len(keep)), "kv_heads": int(len(keep_kv)) if keep_kv is not None
+                                 else int(len(keep)), "head_dim": int(g.unit_size)}
+    kept: dict[str, dict[int, list[int]]] = {}
+    for (param, dim), gone in removed.items():
+        if gone.any():
+            for name in (aliases or {}).get(param, [param]):
+                kept.setdefault(name, {})[dim] = np.flatnonzero(~gone).tolist()
+    all_shapes = {n: list(shapes[p]) for p in shapes for n in (aliases or {}).get(p, [p])}
+    return PrunePlan(kept, all_shapes, attention, group_of, sizes, meta or {})
+
+
+def _validate(model: nn.Module, plan: PrunePlan) -> dict[str, torch.Tensor]:
+    state = model.state_dict(keep_vars=True)
+    for name, dims in plan.kept.items():
+        if name not in state:
+            raise PlanError(f"plan names parameter {name!r}, which this model does not have")
+        shape = list(state[name].shape)
+        if name in plan.shapes and shape != list(plan.shapes[name]):
+            raise PlanError(f"plan was made for another architecture: {name} is {shape} here, "
+                            f"{plan.shapes[name]} in the plan")
+        for dim, idx in dims.items():
+            if dim >= len(shape) or (idx and (min(idx) < 0 or max(idx) >= shape[dim])) or not idx:
+                raise PlanError(f"plan indices for {name} dim {dim} do not fit its shape {shape}")
+    for module_name in plan.attention:
+        try:
+            model.get_submodule(module_name)
+        except AttributeError:
+            raise PlanError(f"plan names attention module {module_name!r}, which this model does not have") \
+                from None
+    return state
+
+
+def apply_plan(model: nn.Module, plan: PrunePlan, inplace: bool = False) -> nn.Module:
+    """Return the compact model: every planned tensor sliced, size attributes and config patched.
+
+    The plan is checked against the model first; on any mismatch nothing is changed.
+    """
+    _validate(model, plan)
+    if not inplace:
+        model = copy.deepcopy(model)
+    new_tensor: dict[int, torch.Tensor] = {}  # tied tensors stay tied: sliced once, shared again
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for attr, tensor in list(module._parameters.items()) + list(module._buffers.items()):
+            full = prefix + attr
+            if tensor is None or full not in plan.kept:
+                continue
+            if id(tensor) not in new_tensor:
+                data = tensor.data
+                for dim, idx in sorted(plan.kept[full].items()):
+                    data = data.index_select(dim, torch.as_tensor(idx, device=data.device))
+                data = data.contiguous()
+                new_tensor[id(tensor)] = nn.Parameter(data, requires_grad=tensor.requires_grad) \
+                    if isinstance(tensor, nn.Parameter) else data
+            if attr in module._parameters:
+                module._parameters[attr] = new_tensor[id(tensor)]
+            else:
+                module._buffers[attr] = new_tensor[id(tensor)]
+        _module_sizes(module)
+    for module_name, shape in plan.attention.items():
+        for sub in model.get_submodule(module_name).modules():
+            for attr, rule in ATTENTION_ATTRS.items():
+                if isinstance(getattr(sub, attr, None), int):
+                    setattr(sub, attr, rule(shape["heads"], shape["kv_heads"], shape["head_dim"]))
+    _patch_config(model, plan)
+    return model
+
+
+CONFIG_ATTRS = {
+    "heads": ("num_attention_heads", "n_head"),
+    "kv_heads": ("num_key_value_heads",),
+    "intermediate": ("intermediate_size", "ffn_dim", "n_inner"),
+    "hidden": ("hidden_size", "n_embd", "d_model"),
+}
+
+
+def _patch_config(model: nn.Module, plan: PrunePlan) -> None:
+    """Uniform results are written into the HF config so plain from_pretrained reloads them; whether the
+    widths are uniform is recorded, since non-uniform ones reload through the plan."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    kept = {kind: {s["kept"] * s["unit_size"] for s in plan.sizes.values() if s["kind"] == kind}
+            for kind in ("mlp", "hidden")}
+    heads = {s["heads"] for s in plan.attention.values()}
+    kv = {s["kv_heads"] for s in plan.attention.values()}
+    head_dim = {s["head_dim"] for s in plan.attention.values()}
+    if len(head_dim) == 1 and getattr(config, "head_dim", None) is None:
+        config.head_dim = next(iter(head_dim))  # derived head_dim must not change when heads or hidden do
+    for key, values in (("heads", heads), ("kv_heads", kv), ("intermediate", kept["mlp"]),
+                        ("hidden", kept["hidden"])):
+        if len(values) == 1:
+            for attr in CONFIG_ATTRS[key]:
+                if getattr(config, attr, None) is not None:
+                    setattr(config, attr, next(iter(values)))
+    config.loraprune_uniform = all(len(v) <= 1 for v in (heads, kv, kept["mlp"]))
+
+
+def masked_copy(model: nn.Module, groups: list[ChannelGroup], kept_units: dict[str, np.ndarray]) -> nn.Module:
+    """The dense model with every removed unit zeroed in all its tensors: what the compact model must equal
+    (for heads and MLP channels)."""
+    masked = copy.deepcopy(model)
+    state = masked.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for g in groups:
+            keep = np.asarray(kept_units.get(g.name, np.arange(g.num_units)))
+            keep_kv = np.unique(g.kv_of_unit[keep]) if g.num_kv_units else None
+            for table, kept in ((g.members, keep), (g.kv_members, keep_kv)):
+                for (param, dim), ids in table.items():
+                    gone = np.flatnonzero((ids >= 0) & ~np.isin(ids, kept))
+                    if len(gone):
+                        state[param].data.index_fill_(dim, torch.as_tensor(gone), 0.0)
+    return masked
