@@ -7,6 +7,7 @@ Entry point: `analyze(model, example_inputs)` or `build_groups(program)`. Works 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,7 +57,12 @@ def _walk(program: TracedProgram, state: CouplingState):
     shapes: dict[str, tuple[int, ...]] = {}
     reports: list[tuple[str, str, str, np.ndarray]] = []
     ctx = RuleContext(state, atoms)
-    param_ids = {name: i for i, name in enumerate(program.param_of_input.values())}
+    # Channels summed from two producers are a residual join, unless both producers are parts of one layer
+    # (a PEFT LoRA branch adds onto its base layer's output).
+    owners = {name: re.sub(r"\.(base_layer|lora_[A-Za-z_]+\.[^.]+)(?=\.)", "", name).rsplit(".", 1)[0]
+              for name in program.param_of_input.values()}
+    owner_ids = {owner: i for i, owner in enumerate(dict.fromkeys(owners.values()))}
+    param_ids = {name: owner_ids[owners[name]] for name in owners}
     for node in program.graph.nodes:
         if node.op == "placeholder":
             val = node.meta.get("val")

@@ -1,0 +1,314 @@
+"""Saving a compact (pruned) model as a Hugging Face folder, and loading it back.
+
+A folder holds `model.safetensors` (the compact weights), `config.json` (the compact HF config: for a
+uniform result plain `AutoModelForCausalLM.from_pretrained` reloads it), `loraprune_plan.json` (the plan,
+plus the dense config it was made from) and, if given, the tokenizer files. A non-uniform result (different
+head counts or MLP widths per layer) cannot be described by a plain HF config; `load_pretrained` rebuilds it
+as dense architecture -> plan -> weights.
+
+Loading never materializes the dense model: its parameters are created on the `meta` device (accelerate's
+`init_empty_weights(include_buffers=False)`), sliced by the plan there, then replaced by the saved tensors.
+Buffers are created for real on CPU, so non-persistent ones that are not in the file (rotary `inv_freq` and
+the like) get the values the model's own constructor computes, for any architecture. The cost is that every
+buffer, persistent ones included, is briefly materialized at its dense size; buffers are small next to the
+weights.
+
+A folder is written into a hidden temporary sibling and renamed into place at the end: an interruption
+leaves either the previous folder or none, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from loraprune.ir.plan import PlanError, PrunePlan
+from loraprune.passes.rewrite import apply_plan
+
+__all__ = ["PLAN_FILE", "WEIGHTS_FILE", "load_pretrained", "save_pretrained"]
+
+PLAN_FILE = "loraprune_plan.json"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+FORMAT = "loraprune-compact-v1"
+
+
+# ----------------------------------------------------------------------------------------------- saving
+
+
+def save_pretrained(result_or_model: Any, plan: PrunePlan | None, out_dir: str | os.PathLike, *,
+                    dense_config: Any, tokenizer: Any = None, force: bool = False) -> Path:
+    """Write the compact model of a prune result as an HF folder at `out_dir`; return its path.
+
+    `result_or_model` is a `PruneResult` or the compact model itself; `plan` the plan that made it (None
+    takes the result's). `dense_config` is the config of the model BEFORE pruning (a `PretrainedConfig` or
+    its dict): with the plan it rebuilds non-uniform results. An existing `out_dir` is refused unless
+    `force`; even then only an empty folder or one written by this function is replaced.
+    """
+    model = result_or_model if isinstance(result_or_model, nn.Module) else getattr(result_or_model, "model", None)
+    if plan is None:
+        plan = getattr(result_or_model, "plan", None)
+    if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
+        raise ValueError("save_pretrained needs a PruneResult or a Hugging Face model (with a .config)")
+    if not isinstance(plan, PrunePlan):
+        raise ValueError("save_pretrained needs the PrunePlan that made the model (pass plan=...)")
+    out_dir = Path(out_dir)
+    _check_target(out_dir, force)
+
+    dense = _config_dict(dense_config)
+    state = _unique_state(model)
+    info = {
+        "format": FORMAT,
+        "architecture": type(model).__name__,
+        "dtype": _dtype_name(state),
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+    }
+    # Before writing anything: the saved folder must be loadable, i.e. dense config + plan give exactly the
+    # compact shapes (catches a compact config passed as dense_config, or a plan from another model).
+    skeleton = _skeleton(dense, info)
+    try:
+        apply_plan(skeleton, plan, inplace=True)
+    except PlanError as err:
+        raise ValueError(f"dense_config and plan do not fit together: {err}") from None
+    _compare_shapes(skeleton, model, "dense_config + plan")
+
+    config = copy.deepcopy(model.config)
+    if getattr(config, "loraprune_uniform", False) and not _plain_loadable(config, model, info):
+        warnings.warn("the compact config does not describe the pruned shapes (see loraprune.passes.rewrite."
+                      "_patch_config); writing loraprune_uniform=false, reload it with load_pretrained",
+                      stacklevel=2)
+        config.loraprune_uniform = False
+    config.architectures = [type(model).__name__]
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_FILE),
+                  metadata={"format": "pt"})
+        config.save_pretrained(tmp)
+        generation = getattr(model, "generation_config", None)
+        if generation is not None and callable(getattr(model, "can_generate", None)) and model.can_generate():
+            generation.save_pretrained(tmp)
+        _write_json(tmp / PLAN_FILE, {**plan.to_dict(), **info, "dense_config": dense})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _fsync_tree(tmp)
+        _move_into_place(tmp, out_dir, force)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _check_target(out_dir: Path, force: bool) -> None:
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if not force:
+        raise FileExistsError(f"{out_dir} already exists; pass force=True to replace it")
+    if not _replaceable(out_dir):
+        raise FileExistsError(f"{out_dir} exists and was not written by loraprune (no {PLAN_FILE}); "
+                              "refusing to replace it even with force=True")
+
+
+def _replaceable(path: Path) -> bool:
+    """An empty folder, or one of ours. Never a file, a link, or anybody else's folder."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    return not any(path.iterdir()) or (path / PLAN_FILE).is_file()
+
+
+def _move_into_place(tmp: Path, out_dir: Path, force: bool) -> None:
+    if not out_dir.exists() and not out_dir.is_symlink():
+        os.rename(tmp, out_dir)
+        return
+    _check_target(out_dir, force)  # re-checked: the folder may have changed while we were writing
+    old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+    os.rename(out_dir, old / "d")
+    try:
+        os.rename(tmp, out_dir)
+    except BaseException:
+        os.rename(old / "d", out_dir)  # put the previous folder back
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The persistent state, each tied tensor once: the first name wins (the embedding before the LM head,
+    as in HF checkpoints), and loading re-ties the rest."""
+    state, seen = {}, set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor is None:
+            continue
+        if tensor.device.type == "meta":
+            raise ValueError(f"cannot save {name}: it is on the meta device (no data)")
+        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+               tensor.stride(), tensor.dtype)
+        if key in seen:
+            continue
+        seen.add(key)
+        state[name] = tensor
+    return state
+
+
+def _dtype_name(state: dict[str, torch.Tensor]) -> str:
+    for tensor in state.values():
+        if tensor.is_floating_point():
+            return str(tensor.dtype).removeprefix("torch.")
+    return "float32"
+
+
+def _config_dict(config: Any) -> dict:
+    if hasattr(config, "to_dict"):
+        data = config.to_dict()
+    elif isinstance(config, dict):
+        data = dict(config)
+    else:
+        raise ValueError(f"dense_config must be a PretrainedConfig or a dict, got {type(config).__name__}")
+    if not data.get("model_type"):
+        raise ValueError("dense_config has no model_type; pass the Hugging Face config of the dense model")
+    try:
+        return json.loads(json.dumps(data))
+    except TypeError as err:
+        raise ValueError(f"dense_config is not JSON-serializable: {err}") from None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _plain_loadable(config, model: nn.Module, info: dict) -> bool:
+    """Does the compact config alone rebuild the compact shapes (what plain from_pretrained does)?"""
+    try:
+        skeleton = _skeleton(config.to_dict(), info)
+        _compare_shapes(skeleton, model, "compact config")
+    except Exception:  # noqa: BLE001 - any failure to build it means plain from_pretrained would fail too
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a folder written by `save_pretrained` (uniform or not) as the compact model, in eval mode.
+
+    `dtype` casts the floating-point weights (default: as saved). Buffers the file does not hold keep the
+    dtype the model's constructor gives them (rotary frequencies stay float32, as in HF).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no saved model folder at {path}")
+    plan_path, weights_path = path / PLAN_FILE, path / WEIGHTS_FILE
+    if not plan_path.is_file():
+        raise FileNotFoundError(f"{plan_path} is missing: {path} was not saved by loraprune.save_pretrained")
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path} is missing")
+    try:
+        data = json.loads(plan_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"corrupt plan file {plan_path}: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"corrupt plan file {plan_path}: not a JSON object")
+    try:
+        plan = PrunePlan.from_dict(data)
+    except (PlanError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"corrupt plan file {plan_path}: {err}") from None
+    dense = data.get("dense_config")
+    if not isinstance(dense, dict) or not dense.get("model_type"):
+        raise ValueError(f"corrupt plan file {plan_path}: no dense_config with a model_type")
+
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"corrupt weights file {weights_path}: {err}") from None
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    info = {**data, "dtype": str(dtype).removeprefix("torch.") if dtype is not None else data.get("dtype")}
+
+    model = _skeleton(dense, info)
+    try:
+        apply_plan(model, plan, inplace=True)
+    except PlanError as err:
+        raise ValueError(f"{plan_path} does not fit its dense_config: {err}") from None
+    expected = model.state_dict()
+    for name, tensor in state.items():
+        if name in expected and tuple(expected[name].shape) != tuple(tensor.shape):
+            raise ValueError(f"{weights_path}: {name} is {list(tensor.shape)}, the plan makes it "
+                             f"{list(expected[name].shape)}")
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected:
+        raise ValueError(f"{weights_path} holds tensors the model does not have: {', '.join(unexpected[:5])}")
+    if missing and hasattr(model, "tie_weights"):
+        model.tie_weights()  # tied targets (e.g. lm_head.weight) are saved once, under their source's name
+    empty = [n for n, t in list(model.named_parameters(remove_duplicate=False))
+             + list(model.named_buffers(remove_duplicate=False)) if t.device.type == "meta"]
+    if empty:
+        raise ValueError(f"{weights_path} lacks {len(empty)} tensor(s) the model needs: {', '.join(empty[:5])}")
+    generation = path / "generation_config.json"
+    if generation.is_file() and getattr(model, "generation_config", None) is not None:
+        from transformers import GenerationConfig
+
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"corrupt generation config {generation}: {err}") from None
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------- shared
+
+
+def _skeleton(config_dict: dict, info: dict) -> nn.Module:
+    """The architecture of `config_dict` with parameters on `meta` and buffers real (see module doc)."""
+    import transformers
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = config_dict.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"unknown model_type {model_type!r} in the saved config")
+    config = CONFIG_MAPPING[model_type].from_dict(dict(config_dict))
+    kwargs = {}
+    if info.get("dtype"):
+        kwargs["dtype"] = getattr(torch, info["dtype"])
+    if info.get("attn_implementation"):
+        kwargs["attn_implementation"] = info["attn_implementation"]
+    arch = info.get("architecture")
+    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+    with init_empty_weights(include_buffers=False):
+        if cls is not None and hasattr(cls, "_from_config"):
+            return cls._from_config(config, **kwargs)
+        return AutoModelForCausalLM.from_config(config, **kwargs)
+
+
+def _compare_shapes(skeleton: nn.Module, model: nn.Module, what: str) -> None:
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    if want.keys() != got.keys():
+        diff = sorted(want.keys() ^ got.keys())
+        raise ValueError(f"{what} does not rebuild the model: tensor names differ ({', '.join(diff[:5])})")
+    bad = [k for k in want if want[k] != got[k]]
+    if bad:
+        raise ValueError(f"{what} does not rebuild the model: {bad[0]} is {list(want[bad[0]])} in the model, "
+                         f"{list(got[bad[0]])} rebuilt ({len(bad)} mismatches)")

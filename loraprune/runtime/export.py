@@ -1,0 +1,242 @@
+"""ONNX export of Hugging Face causal LMs: a prefill graph and a KV-cache decode graph.
+
+Pruned models are non-uniform: every layer may keep a different number of query heads, KV heads and
+MLP channels, while the config still holds the dense numbers. So nothing here reads a head count
+from the config; the per-layer KV shapes come from one probe run with ``use_cache=True``.
+
+Both graphs are exported with ``torch.onnx.export(..., dynamo=True)`` and dynamic batch / sequence
+/ past axes. The example inputs avoid sizes 0 and 1 (torch.export specialises a dim sampled at 0/1
+to a constant), yet the graphs run at batch 1, one new token and past length 0: the tests check it.
+
+The decode graph takes ``past_key_i``/``past_value_i`` for every layer and returns
+``present_key_i``/``present_value_i``; with past length 0 it is also the first (prompt) step, so a
+generation loop needs only this one graph. The prefill graph (logits only, optionally presents too)
+is the lean one for scoring and benchmarks.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+__all__ = [
+    "KVShape", "probe_kv_shapes", "kv_input_names", "kv_output_names", "export_prefill", "export_decode",
+    "staged_output",
+]
+
+# Example sizes for tracing: >= 2 so no dim is specialised, pairwise distinct so no two dims are unified.
+_EX_BATCH, _EX_SEQ, _EX_PAST = 2, 3, 5
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """One layer's cache geometry: ``[batch, heads, seq, dim]`` for keys and values (they may differ)."""
+
+    key_heads: int
+    key_dim: int
+    value_heads: int
+    value_dim: int
+
+
+def _cache_layers(cache: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(key, value) per layer from a transformers 5 ``Cache`` or a legacy tuple of tuples."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return [(kv[0], kv[1]) for kv in cache]
+
+
+def probe_kv_shapes(model: nn.Module) -> list[KVShape]:
+    """Per-layer KV geometry, read from the cache of one tiny forward pass (never from the config)."""
+    device = next(model.parameters()).device
+    ids = torch.zeros((1, 2), dtype=torch.long, device=device)
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+    layers = _cache_layers(out.past_key_values)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} returned no KV cache with use_cache=True")
+    return [KVShape(k.shape[1], k.shape[3], v.shape[1], v.shape[3]) for k, v in layers]
+
+
+def kv_input_names(n_layers: int) -> list[str]:
+    """Flat past names in graph order: past_key_0, past_value_0, past_key_1, ..."""
+    return [f"past_{kind}_{i}" for i in range(n_layers) for kind in ("key", "value")]
+
+
+def kv_output_names(n_layers: int) -> list[str]:
+    """Flat present names in graph order: present_key_0, present_value_0, ..."""
+    return [f"present_{kind}_{i}" for i in range(n_layers) for kind in ("key", "value")]
+
+
+def _position_ids(attention_mask: torch.Tensor, new_len: int) -> torch.Tensor:
+    """Positions of the new tokens counted over the mask: left-padded rows start at 0, as in generate."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp(min=0)[:, -new_len:]
+
+
+class _CausalLMGraph(nn.Module):
+    """Flat-tensor face of an HF causal LM: ``(input_ids, attention_mask, *past) -> (logits, *present)``.
+
+    ONNX graphs take and return flat tensors, while the model wants a ``DynamicCache``; this builds
+    one per call from the past tensors (each layer keeps its own head count) and flattens it back.
+    The cache is built without the config on purpose: config-driven layer types would read dense
+    settings. Sliding-window layers are treated as full attention, exact while the total length stays
+    within the window.
+    """
+
+    def __init__(self, model: nn.Module, n_layers: int, with_past: bool, with_present: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.n_layers = n_layers
+        self.with_past = with_past
+        self.with_present = with_present
+        self.takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+        self.train(model.training)  # a fresh Module says training; follow the (eval) model instead
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        kwargs: dict[str, object] = {"input_ids": input_ids, "attention_mask": attention_mask,
+                                     "use_cache": self.with_present}
+        if self.takes_positions:
+            kwargs["position_ids"] = _position_ids(attention_mask, input_ids.shape[1])
+        if self.with_past:
+            pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.n_layers)]
+            kwargs["past_key_values"] = DynamicCache(pairs)
+        elif self.with_present:
+            kwargs["past_key_values"] = DynamicCache()
+        out = self.model(**kwargs)
+        if not self.with_present:
+            return (out.logits,)
+        flat = [t for kv in _cache_layers(out.past_key_values) for t in kv]
+        return (out.logits, *flat)
+
+
+@contextmanager
+def _traceable(model: nn.Module, fp16: bool) -> Iterator[nn.Module]:
+    """The module to trace, in eval mode: the model or an fp16 copy; the caller's model's mode is restored.
+
+    The fp16 copy briefly holds the fp32 weights twice (deepcopy, then cast); it keeps the caller's
+    weights exact, which an in-place cast and back would not.
+    """
+    was_training = model.training
+    try:
+        if fp16 and next(model.parameters()).dtype != torch.float16:
+            yield copy.deepcopy(model).to(torch.float16).eval()
+        else:
+            yield model.eval()
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
+def staged_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a path of the same name inside a hidden staging folder beside ``path``.
+
+    When the block succeeds, the staged files move into place with ``os.replace`` (side files such as
+    external data first, the graph last, so a visible graph always has its data); whatever happens,
+    the staging folder is removed, so a failure leaves nothing half-written. Keeping the final file
+    name while staging matters: an external-data graph refers to its data file by name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        staged = staging / path.name
+        yield staged
+        # side files of the graph only (model.onnx.data), never stray exporter artifacts
+        extra = sorted(p for p in staging.iterdir() if p.name.startswith(path.name) and p != staged)
+        stale = path.with_name(path.name + ".data")
+        if not extra and stale.exists():  # an earlier, larger export's data file would mislead
+            stale.unlink()
+        for p in extra:
+            os.replace(p, path.parent / p.name)
+        os.replace(staged, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _export(wrapper: nn.Module, args: tuple, dynamic_shapes: tuple, input_names: list[str],
+            output_names: list[str], path: str | os.PathLike, opset: int, external_data: bool | None) -> Path:
+    """torch.onnx.export, save (external data: forced, refused, or None = only past 2 GB), check, move."""
+    path = Path(path)
+    with staged_output(path) as staged:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                wrapper, args, dynamo=True, opset_version=opset, dynamic_shapes=dynamic_shapes,
+                input_names=input_names, output_names=output_names, artifacts_dir=staged.parent,
+                verbose=False,
+            )
+        program.save(staged, external_data=external_data)
+        onnx.checker.check_model(str(staged))
+    return path
+
+
+def _dims() -> tuple[torch.export.Dim, torch.export.Dim, torch.export.Dim, torch.export.Dim]:
+    """batch, new tokens, past length (0 allowed at run time) and mask length (past + new)."""
+    dim = torch.export.Dim
+    return dim("batch", min=1), dim("seq", min=1), dim("past", min=0), dim("total", min=1)
+
+
+def _example_ids(model: nn.Module, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    device = next(model.parameters()).device
+    vocab = int(model.get_input_embeddings().num_embeddings)
+    ids = torch.arange(batch * seq, device=device).reshape(batch, seq) % vocab
+    return ids, torch.ones((batch, seq), dtype=torch.long, device=device)
+
+
+def export_prefill(model: nn.Module, path: str | os.PathLike, *, opset: int = 18, fp16: bool = False,
+                   with_cache: bool = False, external_data: bool | None = None) -> Path:
+    """Export ``input_ids, attention_mask [batch, seq] -> logits [batch, seq, vocab]`` to ``path``.
+
+    ``with_cache=True`` also returns ``present_key_i``/``present_value_i`` (the prompt's KV cache), so the
+    graph can start a generation loop; the default graph skips them and is the cheaper one to time.
+    ``fp16`` traces a float16 copy (the caller's model is left as it is); ``external_data`` None writes
+    weights beside the graph (``<name>.data``) only past ONNX's 2 GB protobuf limit.
+    """
+    with _traceable(model, fp16) as traced:
+        n_layers = len(probe_kv_shapes(traced)) if with_cache else 0
+        wrapper = _CausalLMGraph(traced, n_layers, with_past=False, with_present=with_cache)
+        batch, seq, _, _ = _dims()
+        ids, mask = _example_ids(traced, _EX_BATCH, _EX_SEQ + _EX_PAST)
+        outputs = ["logits"] + kv_output_names(n_layers)
+        return _export(wrapper, (ids, mask), ({0: batch, 1: seq}, {0: batch, 1: seq}),
+                       ["input_ids", "attention_mask"], outputs, path, opset, external_data)
+
+
+def export_decode(model: nn.Module, path: str | os.PathLike, *, opset: int = 18, fp16: bool = False,
+                  external_data: bool | None = None) -> Path:
+    """Export the KV-cache step ``(input_ids, attention_mask, past_*) -> (logits, present_*)`` to ``path``.
+
+    Shapes: ``input_ids [batch, seq]``, ``attention_mask [batch, past + seq]``, ``past_key_i
+    [batch, heads_i, past, dim_i]`` with each layer's own head count from :func:`probe_kv_shapes`. Past
+    length 0 (empty tensors) makes it the prompt step as well, so generation needs only this graph.
+    ``fp16`` and ``external_data`` as in :func:`export_prefill`; with fp16 the past/present tensors are fp16.
+    """
+    with _traceable(model, fp16) as traced:
+        shapes = probe_kv_shapes(traced)
+        n_layers = len(shapes)
+        wrapper = _CausalLMGraph(traced, n_layers, with_past=True, with_present=True)
+        batch, seq, past_len, total = _dims()
+        ids, _ = _example_ids(traced, _EX_BATCH, _EX_SEQ)
+        param = next(traced.parameters())
+        mask = torch.ones((_EX_BATCH, _EX_PAST + _EX_SEQ), dtype=torch.long, device=param.device)
+        like = {"dtype": param.dtype, "device": param.device}
+        past = []
+        for s in shapes:
+            past.append(torch.randn(_EX_BATCH, s.key_heads, _EX_PAST, s.key_dim, **like))
+            past.append(torch.randn(_EX_BATCH, s.value_heads, _EX_PAST, s.value_dim, **like))
+        past_dims = tuple({0: batch, 2: past_len} for _ in past)
+        return _export(wrapper, (ids, mask, *past), ({0: batch, 1: seq}, {0: batch, 1: total}, past_dims),
+                       ["input_ids", "attention_mask"] + kv_input_names(n_layers),
+                       ["logits"] + kv_output_names(n_layers), path, opset, external_data)

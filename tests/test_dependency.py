@@ -1,0 +1,114 @@
+"""The dependency pass finds exactly the groups a person would draw, on every architecture of the zoo."""
+
+import pytest
+import torch
+from torch import nn
+from zoo import LM_ZOO, tiny_bert, tiny_cnn, tiny_llama, token_ids
+
+from loraprune import analyze
+
+
+def kinds(analysis, kind):
+    return [g for g in analysis.groups if g.kind == kind]
+
+
+def member_names(group):
+    return {(p.split(".")[-2] + "." + p.split(".")[-1], d) for p, d in group.members}
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_llama_gqa_structure(attn):
+    layers, heads, kv, hidden, inter = 3, 6, 2, 48, 80
+    a = analyze(tiny_llama(layers, heads, kv, hidden, inter, attn=attn), token_ids())
+    assert not a.frozen
+    mlp, attention, hid = kinds(a, "mlp"), kinds(a, "attention"), kinds(a, "hidden")
+    assert len(mlp) == layers and all(g.num_units == inter and g.unit_size == 1 for g in mlp)
+    assert member_names(mlp[0]) == {("gate_proj.weight", 0), ("up_proj.weight", 0), ("down_proj.weight", 1)}
+    assert len(attention) == layers
+    for g in attention:
+        assert (g.num_units, g.unit_size, g.num_kv_units) == (heads, hidden // heads, kv)
+        assert member_names(g) == {("q_proj.weight", 0), ("o_proj.weight", 1)}
+        assert {(p.split(".")[-2], d) for p, d in g.kv_members} == {("k_proj", 0), ("v_proj", 0)}
+        assert g.kv_of_unit.tolist() == [h // (heads // kv) for h in range(heads)]  # repeat_kv's mapping
+    assert len(hid) == 1 and hid[0].num_units == hidden
+    # the hidden group spans the embedding, every norm and every projection's input/output
+    expected = 1 + 1 + layers * (5 + 2 + 2) + 1  # embed, final norm, per layer (5 inputs, 2 outputs, 2 norms), lm_head
+    assert len(hid[0].members) == expected
+
+
+def test_sdpa_and_eager_give_the_same_groups():
+    sdpa = analyze(tiny_llama(attn="sdpa"), token_ids())
+    eager = analyze(tiny_llama(attn="eager"), token_ids())
+    describe = [g.describe() for g in sdpa.groups]
+    assert describe == [g.describe() for g in eager.groups]
+
+
+@pytest.mark.parametrize("name", sorted(LM_ZOO))
+def test_zoo_lms_have_layers_of_attention_and_mlp_and_one_hidden(name):
+    a = analyze(LM_ZOO[name](layers=2), token_ids())
+    assert not a.frozen
+    assert len(kinds(a, "attention")) == 2 and len(kinds(a, "mlp")) == 2 and len(kinds(a, "hidden")) == 1
+    for g in kinds(a, "attention"):
+        assert g.unit_size == 16 and g.num_units == 4
+    assert kinds(a, "hidden")[0].num_units == 64
+
+
+def test_qwen2_biases_follow_their_rows():
+    a = analyze(LM_ZOO["qwen2"](), token_ids())
+    g = kinds(a, "attention")[0]
+    assert ("q_proj.bias", 0) in member_names(g)
+    assert {p.split(".")[-2] + "." + p.split(".")[-1] for p, _ in g.kv_members} >= {"k_proj.bias", "v_proj.bias"}
+
+
+def test_gpt2_fused_qkv_splits_into_heads():
+    a = analyze(LM_ZOO["gpt2"](), token_ids())
+    g = kinds(a, "attention")[0]
+    ids = g.members[(g.name + ".c_attn.weight", 1)]
+    # Conv1D [in, out]: out columns are q | k | v; head h owns 16 columns in each of the three parts
+    for part in range(3):
+        assert ids[part * 64: (part + 1) * 64].tolist() == [i // 16 for i in range(64)]
+
+
+def test_bert_hidden_is_the_output_so_it_stays_whole():
+    a = analyze(tiny_bert(), token_ids())
+    assert len(kinds(a, "attention")) == 2 and len(kinds(a, "mlp")) == 2 and not kinds(a, "hidden")
+
+
+def test_cnn_residual_and_concat():
+    a = analyze(tiny_cnn(), torch.randn(2, 3, 8, 8))
+    hid = kinds(a, "hidden")
+    assert len(hid) == 1 and hid[0].num_units == 16  # stem + residual add share 16 channels
+    assert ("bn0.running_mean", 0) in hid[0].members
+    channels = sorted((g.num_units, sorted(p for p, _ in g.members)) for g in kinds(a, "channel"))
+    assert [c[0] for c in channels] == [8, 12, 24]
+    head = [dict(g.members)[("head.weight", 1)] for g in kinds(a, "channel") if ("head.weight", 1) in g.members]
+    # the concat maps branch_a to head columns 0..7 and branch_b to 8..19
+    assert sorted(((ids >= 0).nonzero()[0].min(), (ids >= 0).nonzero()[0].max()) for ids in head) == [(0, 7), (8, 19)]
+
+
+class Flipper(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(8, 16)
+        self.down = nn.Linear(16, 4)
+        self.side_up = nn.Linear(8, 12)
+        self.side_down = nn.Linear(12, 4)
+
+    def forward(self, x):
+        return self.down(torch.flip(self.up(x), dims=[-1])) + self.side_down(torch.relu(self.side_up(x)))
+
+
+def test_unknown_op_freezes_and_is_reported():
+    a = analyze(Flipper(), torch.randn(2, 8))
+    assert [(f.op, f.reason) for f in a.frozen] == [("aten::flip", "no dependency rule for this op")]
+    assert a.frozen[0].node.startswith("flip") and "up.weight" in a.frozen[0].params
+    names = {p for g in a.groups for p in g.params}
+    assert "up.weight" not in names and "down.weight" not in names
+    assert [g.num_units for g in a.groups] == [12]  # the branch with known ops is still prunable
+
+
+def test_meta_device_model_is_analyzed_from_shapes_alone():
+    with torch.device("meta"):
+        model = tiny_llama(layers=2)
+    a = analyze(model, torch.zeros(1, 4, dtype=torch.long, device="meta"))
+    assert len(kinds(a, "attention")) == 2 and kinds(a, "hidden")[0].num_units == 64

@@ -1,0 +1,257 @@
+"""ONNX export and ONNX Runtime inference: PyTorch parity, greedy decoding, non-uniform (pruned) layers."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+from zoo import tiny_gpt2, tiny_llama, tiny_mistral, tiny_qwen2, token_ids
+
+from loraprune.runtime.export import export_decode, export_prefill, probe_kv_shapes
+from loraprune.runtime.generate import ort_generate
+from loraprune.runtime.ort_optimize import optimize_for_ort
+from loraprune.runtime.session import make_session, run_with_iobinding
+
+HEAD_DIM = 16  # tiny zoo models: hidden 64 / 4 heads
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The machine is shared: every test here runs torch on one thread (ORT sessions get threads=1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _rows(linear: nn.Linear, keep: torch.Tensor) -> nn.Linear:
+    out = nn.Linear(linear.in_features, len(keep), bias=linear.bias is not None)
+    out.weight.data = linear.weight.data[keep].clone()
+    if linear.bias is not None:
+        out.bias.data = linear.bias.data[keep].clone()
+    return out
+
+
+def _cols(linear: nn.Linear, keep: torch.Tensor) -> nn.Linear:
+    out = nn.Linear(len(keep), linear.out_features, bias=linear.bias is not None)
+    out.weight.data = linear.weight.data[:, keep].clone()
+    if linear.bias is not None:
+        out.bias.data = linear.bias.data.clone()
+    return out
+
+
+def _heads(heads: list[int]) -> torch.Tensor:
+    return torch.cat([torch.arange(h * HEAD_DIM, (h + 1) * HEAD_DIM) for h in heads])
+
+
+def nonuniform_llama() -> nn.Module:
+    """A pruned-looking LLaMA whose config still says 4 heads / 2 KV heads / 96 MLP channels everywhere.
+
+    Layer 0 keeps query heads 0 and 2 (one per KV head: 2 q, 2 kv); layer 1 keeps KV head 1 only (4 q, 1 kv)
+    and 40 MLP channels. Only whole heads are sliced; head_dim stays 16.
+    """
+    torch.manual_seed(0)
+    model = tiny_llama()
+    a0, a1 = model.model.layers[0].self_attn, model.model.layers[1].self_attn
+    a0.q_proj, a0.o_proj = _rows(a0.q_proj, _heads([0, 2])), _cols(a0.o_proj, _heads([0, 2]))
+    a0.num_key_value_groups = 1
+    a1.k_proj, a1.v_proj = _rows(a1.k_proj, _heads([1])), _rows(a1.v_proj, _heads([1]))
+    a1.num_key_value_groups = 4
+    mlp = model.model.layers[1].mlp
+    keep = torch.arange(0, 80, 2)
+    mlp.gate_proj, mlp.up_proj, mlp.down_proj = _rows(mlp.gate_proj, keep), _rows(mlp.up_proj, keep), _cols(
+        mlp.down_proj, keep)
+    return model.eval()
+
+
+MODELS = {"llama": tiny_llama, "mistral": tiny_mistral, "qwen2": tiny_qwen2, "gpt2": tiny_gpt2,
+          "nonuniform": nonuniform_llama}
+
+
+@pytest.fixture(scope="module")
+def decode_graphs(tmp_path_factory):
+    """One decode export per model, shared by the tests below (exports dominate this file's runtime)."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("decode")
+    out = {}
+    for name, build in MODELS.items():
+        model = build()
+        out[name] = (model, export_decode(model, root / f"{name}.onnx"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def prefill_graphs(tmp_path_factory, decode_graphs):
+    root = tmp_path_factory.mktemp("prefill")
+    return {name: (decode_graphs[name][0], export_prefill(decode_graphs[name][0], root / f"{name}.onnx"))
+            for name in ("llama", "gpt2", "nonuniform")}
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "nonuniform"])
+def test_prefill_matches_torch_at_unseen_shapes(prefill_graphs, name):
+    model, path = prefill_graphs[name]
+    onnx.checker.check_model(str(path))
+    sess = make_session(path, threads=1)
+    for batch, seq in [(1, 5), (3, 11)]:  # exported at batch 2, seq 8
+        ids = token_ids(batch, seq, seed=seq)
+        mask = torch.ones_like(ids)
+        with torch.no_grad():
+            ref = model(input_ids=ids, attention_mask=mask).logits.numpy()
+        (got,) = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_probe_reads_per_layer_kv_heads(decode_graphs):
+    model, path = decode_graphs["nonuniform"]
+    assert [s.key_heads for s in probe_kv_shapes(model)] == [2, 1]
+    shapes = {i.name: i.shape for i in make_session(path, threads=1).get_inputs()}
+    assert shapes["past_key_0"][1:] == [2, "past", HEAD_DIM]
+    assert shapes["past_value_1"][1:] == [1, "past", HEAD_DIM]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_decode_step_matches_torch_with_cache(decode_graphs, name):
+    """Prompt at past 0 (batch 1), then one token at past 6 (batch 3): neither shape was used at export."""
+    from transformers import DynamicCache
+
+    model, path = decode_graphs[name]
+    sess = make_session(path, threads=1)
+    shapes = probe_kv_shapes(model)
+    for batch, past_len in [(1, 0), (3, 6)]:
+        ids = token_ids(batch, 4 if past_len == 0 else 1, seed=2)
+        feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones((batch, past_len + ids.shape[1]), np.int64)}
+        with torch.no_grad():
+            cache = DynamicCache()
+            if past_len:
+                cache = model(input_ids=token_ids(batch, past_len, seed=1), past_key_values=cache).past_key_values
+            for i, s in enumerate(shapes):
+                empty_k = torch.zeros(batch, s.key_heads, 0, s.key_dim)
+                empty_v = torch.zeros(batch, s.value_heads, 0, s.value_dim)
+                k, v = (cache.layers[i].keys, cache.layers[i].values) if past_len else (empty_k, empty_v)
+                feeds |= {f"past_key_{i}": k.numpy().copy(), f"past_value_{i}": v.numpy().copy()}
+            mask = torch.from_numpy(feeds["attention_mask"])
+            ref = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        got = sess.run(None, feeds)
+        np.testing.assert_allclose(got[0], ref.logits.numpy(), atol=1e-4, rtol=1e-4)
+        layers = ref.past_key_values.layers
+        np.testing.assert_allclose(got[-1], layers[-1].values.numpy(), atol=1e-5)  # present_value_{last}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_greedy_tokens_equal_torch_generate(decode_graphs, name):
+    model, path = decode_graphs[name]
+    ids = token_ids(2, 5, seed=3)
+    eos = model.generation_config.eos_token_id
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
+                             pad_token_id=eos).numpy()
+    got = ort_generate(None, make_session(path, threads=1), ids.numpy(), 8, eos_token_id=eos)
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_greedy_left_padded_batch_equals_torch(decode_graphs):
+    model, path = decode_graphs["llama"]
+    ids, mask = token_ids(2, 6, seed=4), torch.ones(2, 6, dtype=torch.long)
+    ids[0, :2], mask[0, :2] = 0, 0
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=8, pad_token_id=0)
+    got = ort_generate(None, path, ids.numpy(), 8, eos_token_id=2, pad_token_id=0,
+                       attention_mask=mask.numpy(), threads=1)
+    np.testing.assert_array_equal(got, ref.numpy())
+
+
+def test_prefill_with_cache_starts_the_loop(tmp_path, decode_graphs):
+    model, dec = decode_graphs["nonuniform"]
+    pre = export_prefill(model, tmp_path / "pre.onnx", with_cache=True)
+    ids = token_ids(2, 5, seed=5).numpy()
+    dec_sess = make_session(dec, threads=1)
+    via_prefill = ort_generate(make_session(pre, threads=1), dec_sess, ids, 6)
+    np.testing.assert_array_equal(via_prefill, ort_generate(None, dec_sess, ids, 6))
+    sampled = ort_generate(None, dec_sess, ids, 6, do_sample=True, temperature=0.7, top_k=5, seed=1)
+    assert sampled.shape == (2, 11) and (sampled[:, :5] == ids).all()
+
+
+def test_prefill_without_cache_is_refused_as_loop_start(prefill_graphs, decode_graphs):
+    with pytest.raises(ValueError, match="with_cache=True"):
+        ort_generate(prefill_graphs["llama"][1], decode_graphs["llama"][1], np.zeros((1, 3), np.int64), 2)
+
+
+def test_iobinding_run_matches_plain_run(prefill_graphs):
+    sess = make_session(prefill_graphs["llama"][1], provider="cpu", threads=1)
+    feeds = {"input_ids": token_ids(2, 4).numpy(), "attention_mask": np.ones((2, 4), np.int64)}
+    (bound,) = run_with_iobinding(sess, feeds)
+    np.testing.assert_array_equal(bound.numpy(), sess.run(None, feeds)[0])
+
+
+def test_ort_optimizer_keeps_parity_or_falls_back(tmp_path, decode_graphs, monkeypatch):
+    path = decode_graphs["nonuniform"][1]
+    res = optimize_for_ort(path, tmp_path / "opt.onnx")
+    if res.optimized:
+        assert res.path == tmp_path / "opt.onnx" and res.max_abs_diff < 1e-4 and res.fused_ops
+    else:
+        assert res.path == path and res.reason
+
+    import onnxruntime.transformers.optimizer as ort_opt
+
+    real = ort_opt.optimize_model
+
+    def corrupting(*args, **kwargs):  # fuses, then breaks the weights: parity must catch it
+        opt = real(*args, **kwargs)
+        init = max(opt.model.graph.initializer, key=lambda t: t.dims[0] if t.dims else 0)
+        arr = onnx.numpy_helper.to_array(init) * 1.5
+        init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+        return opt
+
+    monkeypatch.setattr(ort_opt, "optimize_model", corrupting)
+    bad = optimize_for_ort(path, tmp_path / "bad.onnx")
+    assert not bad.optimized and bad.path == path and "parity" in bad.reason
+    assert not (tmp_path / "bad.onnx").exists()
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no staging folder left
+
+    def raising(*args, **kwargs):
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(ort_opt, "optimize_model", raising)
+    failed = optimize_for_ort(path, tmp_path / "bad.onnx")
+    assert not failed.optimized and failed.path == path and "IndexError" in failed.reason
+
+
+def test_bad_paths_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no ONNX model file"):
+        make_session(tmp_path / "missing.onnx")
+    junk = tmp_path / "junk.onnx"
+    junk.write_text("this is not a protobuf")
+    with pytest.raises(ValueError, match="not an ONNX model"):
+        make_session(junk)
+    with pytest.raises(FileNotFoundError):
+        ort_generate(None, tmp_path / "missing.onnx", np.zeros((1, 2), np.int64), 1)
+
+
+def test_failed_export_leaves_no_files(tmp_path, monkeypatch):
+    """A failure after the graph was written (here: the checker) leaves the folder as it was."""
+    old = tmp_path / "model.onnx"
+    old.write_bytes(b"previous export")
+
+    def failing_check(*args, **kwargs):
+        raise onnx.checker.ValidationError("injected")
+
+    monkeypatch.setattr(onnx.checker, "check_model", failing_check)
+    with pytest.raises(onnx.checker.ValidationError):
+        export_prefill(tiny_gpt2(), old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    assert old.read_bytes() == b"previous export"
+
+
+def test_fp16_external_data_export_leaves_model_alone(tmp_path):
+    """fp16 traces a copy (the fp32 model is untouched); forced external data lands beside the graph."""
+    model = tiny_llama()
+    before = model.lm_head.weight.detach().clone()
+    path = export_decode(model, tmp_path / "dec16.onnx", fp16=True, external_data=True)
+    assert model.lm_head.weight.dtype == torch.float32 and torch.equal(model.lm_head.weight, before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dec16.onnx", "dec16.onnx.data"]
+    sess = make_session(path, threads=1)
+    assert {i.type for i in sess.get_inputs() if i.name.startswith("past_")} == {"tensor(float16)"}
+    ids = token_ids(1, 4).numpy()
+    assert ort_generate(None, sess, ids, 3).shape == (1, 7)
