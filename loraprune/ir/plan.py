@@ -39,7 +39,8 @@ class PrunePlan:
     def to_dict(self) -> dict:
         return {"version": 1, "kept": {p: {str(d): list(map(int, i)) for d, i in dims.items()}
                                        for p, dims in self.kept.items()},
-                "shapes": self.shapes, "attention": self.attention, "group_of": self.group_of, "sizes": self.sizes, "meta": self.meta}
+                "shapes": self.shapes, "attention": self.attention, "group_of": self.group_of, "sizes": self.sizes,
+                "meta": self.meta}
 
     @classmethod
     def from_dict(cls, data: dict) -> PrunePlan:

@@ -80,8 +80,10 @@ def load_model(source: str | os.PathLike[str] | None, *, adapter: str | os.PathL
         raise ModelLoadError(f"cannot load model {path}: expected a .gguf file or a model folder")
     else:
         raise ModelLoadError(f"cannot load model {path}: no such file or folder")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, **tokenizer_kwargs)
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    has_tokenizer = path.suffix.lower() == ".gguf" or any((folder / f).is_file() for f in tokenizer_files)
+    try:  # a folder without tokenizer files can still be inspected and pruned; evaluation needs one
+        tokenizer = AutoTokenizer.from_pretrained(folder, **tokenizer_kwargs) if has_tokenizer else None
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **model_kwargs)
     except Exception as exc:  # transformers raises many types (ValueError, OSError, struct/numpy errors)
         raise ModelLoadError(f"cannot load model {path}: {_first_line(exc)}") from exc

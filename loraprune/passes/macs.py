@@ -45,8 +45,18 @@ def _sdpa(node: Node) -> int:
     return scores * q[-1] + scores * v[-1]
 
 
-MAC_RULES = {"aten::linear": _linear, "aten::addmm": _addmm, "aten::matmul": _matmul, "aten::mm": _matmul,
-             "aten::bmm": _matmul, "aten::convolution": _conv, "aten::conv2d": _conv, "aten::conv1d": _conv, "aten::scaled_dot_product_attention": _sdpa}
+MAC_RULES = {
+    "aten::linear": _linear,
+    "aten::addmm": _addmm,
+    "aten::matmul": _matmul,
+    "aten::mm": _matmul,
+    "aten::bmm": _matmul,
+    "aten::convolution": _conv,
+    "aten::conv1d": _conv,
+    "aten::conv2d": _conv,
+    "aten::conv3d": _conv,
+    "aten::scaled_dot_product_attention": _sdpa,
+}
 
 
 def count_macs(graph: Graph) -> int:

@@ -1,0 +1,5 @@
+import sys
+
+from loraprune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,39 @@
+"""The command line: complete help, one-line errors with exit code 2, a prune run on a tiny local model."""
+
+import json
+
+import pytest
+from zoo import tiny_llama
+
+from loraprune.cli import build_parser, main
+
+
+def test_every_command_has_help(capsys):
+    for command in ("inspect", "prune"):
+        with pytest.raises(SystemExit) as stop:
+            build_parser().parse_args([command, "--help"])
+        assert stop.value.code == 0
+        assert "usage: loraprune" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["inspect", "/no/such/model"], "/no/such/model"),
+    (["prune", "--ratio", "1.5", "--out", "OUT"], "ratio must be in"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, needle, capsys, tmp_path):
+    argv = [str(tmp_path / "o") if a == "OUT" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+
+
+def test_prune_tiny_local_model(tmp_path, capsys):
+    model_dir = tmp_path / "tiny"
+    tiny_llama(layers=2).save_pretrained(model_dir)
+    out = tmp_path / "out"
+    assert main(["prune", str(model_dir), "--ratio", "0.5", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["params_after"] <= report["params_before"]
+    assert (out / "loraprune_plan.json").exists() and (out / "model.safetensors").exists()
+    assert main(["prune", str(model_dir), "--ratio", "0.5", "--out", str(out)]) == 2  # exists, no --force
+    assert "exists" in capsys.readouterr().err

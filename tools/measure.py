@@ -1,0 +1,40 @@
+"""Peak memory of one stage: resident set size sampled from /proc while the stage runs, minus the baseline."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def measure_stage(fn: Callable[[], Any], interval: float = 0.005) -> tuple[Any, float, int]:
+    """Run fn; return (its result, seconds, peak RSS increase in bytes over the RSS before it started)."""
+    baseline = rss_bytes()
+    peak = [baseline]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(interval)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    try:
+        result = fn()
+    finally:
+        seconds = time.perf_counter() - start
+        done.set()
+        sampler.join()
+    peak[0] = max(peak[0], rss_bytes())
+    return result, seconds, peak[0] - baseline
