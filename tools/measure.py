@@ -38,3 +38,20 @@ def measure_stage(fn: Callable[[], Any], interval: float = 0.005) -> tuple[Any, 
         sampler.join()
     peak[0] = max(peak[0], rss_bytes())
     return result, seconds, peak[0] - baseline
+
+
+def alternate(fns: dict[str, Callable[[], Any]], runs: int = 10, warmup: int = 2) -> dict[str, dict]:
+    """Time several callables A B A B ... after warm-up; median, min and max seconds of each."""
+    import statistics
+
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "runs": len(t)}
+            for name, t in times.items()}

@@ -95,3 +95,6 @@ def random(model: nn.Module, groups: list[ChannelGroup], seed: int = 0, **_: obj
         if g.num_kv_units:
             out.kv[g.name] = rng.random(g.num_kv_units)
     return out
+
+
+from loraprune.passes import lora_importance as _lora_importance  # noqa: E402,F401  registers "lora", "taylor"
