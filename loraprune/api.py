@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -35,7 +35,7 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def prune(model: nn.Module, example_inputs: tuple | torch.Tensor, ratio: float = 0.2,
+def prune(model: nn.Module, example_inputs: tuple | torch.Tensor, ratio: float | None = None,
           criterion: str = "magnitude", config: SelectConfig | None = None, scores: GroupScores | None = None,
           analysis: Analysis | None = None, seed: int = 0) -> PruneResult:
     """Prune `model` to a compact copy. The input model is never modified.
@@ -43,9 +43,10 @@ def prune(model: nn.Module, example_inputs: tuple | torch.Tensor, ratio: float =
     `ratio` is the fraction of each prunable group's units removed (heads, MLP channels); `config` holds
     the other selection options. `scores` (from any criterion, e.g. LoRA-guided) overrides `criterion`.
     """
-    config = config or SelectConfig(ratio=ratio)
-    if config.ratio != ratio and ratio != 0.2:
-        config = SelectConfig(**{**config.to_dict(), "ratio": ratio})
+    if config is None:
+        config = SelectConfig(ratio=0.2 if ratio is None else ratio)
+    elif ratio is not None and ratio != config.ratio:
+        config = dataclasses.replace(config, ratio=ratio)  # validated again in __post_init__
     if scores is None and criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; known: {', '.join(sorted(CRITERIA))}")
     timings = {}
@@ -92,6 +93,3 @@ def _report(model, compact, analysis, kept, config, criterion, macs_before, macs
         "timings": timings,
     }
 
-
-def copy_model(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model)

@@ -250,13 +250,24 @@ def _ort_decode(session: ort.InferenceSession, ids: torch.Tensor, tokens: int) -
 
 
 def _alternate(cells: dict[tuple[str, str], Callable[[], float]], runs: int, warmup: int) -> dict:
-    """Run every cell once per round, in a fixed order (A B A B ...); ``warmup`` rounds are discarded."""
+    """Run every cell once per round, in a fixed order (A B A B ...); ``warmup`` rounds are discarded.
+
+    The garbage collector is off meanwhile, as in ``timeit``, so a collection (slow with the exporter's objects
+    alive) is not charged to whichever cell happens to trigger it.
+    """
     samples: dict[tuple[str, str], list[float]] = {key: [] for key in cells}
-    for round_ in range(warmup + runs):
-        for key, cell in cells.items():
-            ms = cell()
-            if round_ >= warmup:
-                samples[key].append(ms)
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for round_ in range(warmup + runs):
+            for key, cell in cells.items():
+                ms = cell()
+                if round_ >= warmup:
+                    samples[key].append(ms)
+    finally:
+        if was_enabled:
+            gc.enable()
     return samples
 
 
