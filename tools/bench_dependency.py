@@ -47,23 +47,9 @@ def worker(which: str, threads: int) -> dict:
 
         analysis, seconds, peak = measure_stage(lambda: analyze(model, (ids,)))
         return {"seconds": seconds, "peak_rss_mb": peak / 2**20, "groups": analysis.by_kind()}
-    import torch_pruning as tp
+    from tp_reference import make_tp_pruner
 
-    num_heads = {}
-    for name, m in model.named_modules():
-        if name.endswith("self_attn"):
-            num_heads[m.q_proj] = model.config.num_attention_heads
-            num_heads[m.k_proj] = model.config.num_key_value_heads
-            num_heads[m.v_proj] = model.config.num_key_value_heads
-
-    def build():
-        return tp.pruner.MetaPruner(
-            model, example_inputs=ids, importance=tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean"),
-            global_pruning=False, output_transform=lambda x: x.logits, pruning_ratio=0.5,
-            ignored_layers=[model.lm_head], num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
-            head_pruning_ratio=0.5, round_to=4)
-
-    pruner, seconds, peak = measure_stage(build)
+    pruner, seconds, peak = measure_stage(lambda: make_tp_pruner(model, ids, 0.5))
     groups = sum(1 for _ in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
                                                      root_module_types=pruner.root_module_types))
     return {"seconds": seconds, "peak_rss_mb": peak / 2**20, "groups": {"all": groups}}

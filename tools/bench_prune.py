@@ -19,8 +19,8 @@ sys.path.insert(0, str(HERE))
 def tp_worker(ratio: float, threads: int, runs: int) -> dict:
     """Torch-Pruning 1.6.1 with its LLM example's settings, then the same latency protocol."""
     import torch
-    import torch_pruning as tp
     from measure import alternate
+    from tp_reference import make_tp_pruner
 
     from loraprune.api import count_params
     from loraprune.models.load import load_model
@@ -28,18 +28,8 @@ def tp_worker(ratio: float, threads: int, runs: int) -> dict:
     torch.set_num_threads(threads)
     model = load_model(None).model
     ids = torch.randint(0, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
-    num_heads = {}
-    for name, m in model.named_modules():
-        if name.endswith("self_attn"):
-            num_heads[m.q_proj] = model.config.num_attention_heads
-            num_heads[m.k_proj] = model.config.num_key_value_heads
-            num_heads[m.v_proj] = model.config.num_key_value_heads
     before = count_params(model)
-    pruner = tp.pruner.MetaPruner(
-        model, example_inputs=ids, importance=tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean"),
-        global_pruning=False, output_transform=lambda x: x.logits, pruning_ratio=ratio,
-        ignored_layers=[model.lm_head], num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
-        head_pruning_ratio=ratio, round_to=4)
+    pruner = make_tp_pruner(model, ids, ratio)
     pruner.step()
     x = torch.randint(0, model.config.vocab_size, (1, 256))
     with torch.no_grad():
