@@ -37,3 +37,12 @@ def test_prune_tiny_local_model(tmp_path, capsys):
     assert (out / "loraprune_plan.json").exists() and (out / "model.safetensors").exists()
     assert main(["prune", str(model_dir), "--ratio", "0.5", "--out", str(out)]) == 2  # exists, no --force
     assert "exists" in capsys.readouterr().err
+
+
+def test_inspect_json_on_a_local_folder(tmp_path, capsys):
+    model_dir = tmp_path / "tiny"
+    tiny_llama(layers=2).save_pretrained(model_dir)
+    assert main(["inspect", str(model_dir), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    kinds = sorted(g["kind"] for g in data["groups"])
+    assert kinds == ["attention", "attention", "hidden", "mlp", "mlp"] and data["frozen"] == []

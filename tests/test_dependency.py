@@ -112,3 +112,54 @@ def test_meta_device_model_is_analyzed_from_shapes_alone():
         model = tiny_llama(layers=2)
     a = analyze(model, torch.zeros(1, 4, dtype=torch.long, device="meta"))
     assert len(kinds(a, "attention")) == 2 and kinds(a, "hidden")[0].num_units == 64
+
+
+class Convs(nn.Module):
+    """stem -> depthwise conv -> grouped conv -> transposed conv -> pooled linear head."""
+
+    def __init__(self, transposed: bool):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pointwise = nn.Conv2d(8, 12, 1)
+        self.grouped = nn.Conv2d(12, 12, 1, groups=3)
+        self.up = nn.ConvTranspose2d(12, 6, 2, stride=2) if transposed else nn.Conv2d(12, 6, 1)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        x = self.pointwise(torch.relu(self.depthwise(self.stem(x))))
+        return self.head(self.up(torch.relu(self.grouped(x))).mean(dim=(2, 3)))
+
+
+def test_depthwise_conv_ties_in_and_out_channels_grouped_conv_is_frozen():
+    a = analyze(Convs(transposed=False), torch.randn(2, 3, 8, 8))
+    assert not a.frozen
+    by_members = {frozenset(p for p, _ in g.members): g.num_units for g in a.groups}
+    # stem out = depthwise in = depthwise out = pointwise in: one group of 8 channels
+    assert by_members[frozenset({"stem.weight", "stem.bias", "depthwise.weight", "depthwise.bias",
+                                 "pointwise.weight"})] == 8
+    assert all("grouped.weight" not in members for members in by_members)  # grouped conv: kept whole
+    assert by_members[frozenset({"up.weight", "up.bias", "head.weight"})] == 6
+
+
+def test_transposed_conv_has_no_rule_yet_so_it_is_frozen_and_reported():
+    a = analyze(Convs(transposed=True), torch.randn(2, 3, 8, 8))
+    assert [f.op for f in a.frozen] == ["aten::conv_transpose2d.input"] and "up.weight" in a.frozen[0].params
+    assert all("up.weight" not in g.params and "head.weight" not in g.params for g in a.groups)
+
+
+def test_decomposed_transposed_convolution_is_frozen_not_misread():
+    """aten.convolution with transposed=True stores weights as [in, out/groups]: the rule must not read them."""
+    exported = torch.export.export(Convs(transposed=True).eval(), (torch.randn(2, 3, 8, 8),))
+    exported = exported.run_decompositions()  # lowers conv_transpose2d to aten.convolution(transposed=True)
+    from loraprune.ir.trace import TracedProgram, _alias_table
+    from loraprune.passes.dependency import build_groups
+
+    model = Convs(transposed=True)
+    params = {s.arg.name: s.target for s in exported.graph_signature.input_specs if s.target is not None}
+    users = [s.arg.name for s in exported.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    a = build_groups(TracedProgram(exported, params, _alias_table(model), users))
+    assert [(f.op, f.reason) for f in a.frozen] == [
+        ("aten::convolution", "transposed convolution: its weight is [in, out/groups]")]
+    assert "up.weight" in a.frozen[0].params
+    assert all("up.weight" not in g.params for g in a.groups)

@@ -205,3 +205,11 @@ def test_excluded_layers_stay_whole():
     result = prune(model, token_ids(), ratio=0.5, config=SelectConfig(ratio=0.5))
     widths = [layer.mlp.up_proj.out_features for layer in result.model.model.layers]
     assert widths[0] == 96 and widths[-1] == 96 and all(w == 48 for w in widths[1:-1])
+
+
+def test_invariant_through_a_depthwise_conv():
+    from test_dependency import Convs
+
+    torch.manual_seed(0)
+    check_invariant(Convs(transposed=False).eval(), torch.randn(2, 3, 8, 8),
+                    SelectConfig(ratio=0.5, exclude_first=0, exclude_last=False))

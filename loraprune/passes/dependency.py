@@ -17,7 +17,7 @@ from torch import nn
 from loraprune.ir.groups import ChannelGroup, FrozenDim
 from loraprune.ir.trace import TracedProgram, trace
 from loraprune.passes.coupling import NO_CHANNEL, CouplingState, Solution
-from loraprune.passes.rules import RULES, ParamAxes, RuleContext, op_key, unknown_op
+from loraprune.passes.rules import RULES, NoRule, ParamAxes, RuleContext, op_key, unknown_op
 
 __all__ = ["Analysis", "analyze", "build_groups"]
 
@@ -92,20 +92,15 @@ def _walk(program: TracedProgram, state: CouplingState):
                 continue
             rule = RULES.get(key)
             if rule is None:
-                before = len(state._frozen)
-                atoms[node.name] = unknown_op(ctx, node)
-                touched = np.concatenate(state._frozen[before:]) if len(state._frozen) > before else np.zeros(0)
-                reports.append((node.name, key, "no dependency rule for this op", touched.astype(np.int64)))
-            else:
-                try:
-                    atoms[node.name] = rule(ctx, node)
-                except Exception as err:  # a rule that cannot read this call is a missing rule, not a crash
-                    before = len(state._frozen)
-                    atoms[node.name] = unknown_op(ctx, node)
-                    touched = np.concatenate(state._frozen[before:]) if len(state._frozen) > before \
-                        else np.zeros(0)
-                    reports.append((node.name, key, f"rule failed: {type(err).__name__}: {err}",
-                                    touched.astype(np.int64)))
+                reports.append((node.name, key, "no dependency rule for this op", _freeze_unknown(ctx, node, atoms)))
+                continue
+            try:
+                atoms[node.name] = rule(ctx, node)
+            except NoRule as declined:
+                reports.append((node.name, key, str(declined), _freeze_unknown(ctx, node, atoms)))
+            except Exception as err:  # a rule that cannot read this call is a missing rule, not a crash
+                reason = f"rule failed: {type(err).__name__}: {err}"
+                reports.append((node.name, key, reason, _freeze_unknown(ctx, node, atoms)))
         elif node.op == "output":
             for arg in node.all_input_nodes:
                 value = atoms.get(arg.name)
@@ -114,11 +109,17 @@ def _walk(program: TracedProgram, state: CouplingState):
                     if isinstance(part, np.ndarray):
                         state.freeze(part)  # what the model returns keeps its shape
         else:
-            before = len(state._frozen)
-            atoms[node.name] = unknown_op(ctx, node)
             reports.append((node.name, str(node.target), f"unsupported node kind {node.op}",
-                            np.zeros(0, np.int64)))
+                            _freeze_unknown(ctx, node, atoms)))
     return param_atoms, shapes, reports
+
+
+def _freeze_unknown(ctx: RuleContext, node, atoms: dict) -> np.ndarray:
+    """Apply the no-rule fallback to `node`; return the atoms it froze, for the report."""
+    before = len(ctx.state._frozen)
+    atoms[node.name] = unknown_op(ctx, node)
+    frozen = ctx.state._frozen[before:]
+    return np.concatenate(frozen).astype(np.int64) if frozen else np.zeros(0, np.int64)
 
 
 def _no_channels(atoms: object) -> bool:

@@ -42,6 +42,9 @@ def _module_sizes(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):
         module.out_features, module.in_features = w.shape
     elif isinstance(module, nn.modules.conv._ConvNd):
+        depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+        if depthwise:  # the dependency pass ties a depthwise conv's in and out channels: one group each
+            module.groups = w.shape[0]
         module.out_channels, module.in_channels = w.shape[0], w.shape[1] * module.groups
     elif isinstance(module, nn.Embedding):
         module.num_embeddings, module.embedding_dim = w.shape

@@ -16,7 +16,11 @@ from torch.fx import Node
 
 from loraprune.passes.coupling import NO_CHANNEL, CouplingState
 
-__all__ = ["RULES", "ParamAxes", "RuleContext", "register"]
+__all__ = ["RULES", "NoRule", "ParamAxes", "RuleContext", "register"]
+
+
+class NoRule(Exception):
+    """A rule declines a call it cannot read (with the reason); the pass then freezes and reports it."""
 
 
 @dataclass(frozen=True)
@@ -193,14 +197,15 @@ def aten_where_self(ctx: RuleContext, node: Node) -> Atoms:
 # ---------------------------------------------------------------------------------------------------------
 def _reduce(ctx: RuleContext, atoms: np.ndarray, dims: list[int], keepdim: bool) -> np.ndarray:
     for d in dims:
-        if atoms.shape[d] > 1:
-            ctx.state.mark_reduced(atoms)  # statistics over these channels change when any of them goes
-        varying_elsewhere = any(s > 1 for i, s in enumerate(atoms.shape) if i != d)
-        atoms = ctx.state.merge_along(atoms, d) if varying_elsewhere else np.full(
-            atoms.shape[:d] + (1,) + atoms.shape[d + 1:], NO_CHANNEL, dtype=np.int64) if atoms.shape[d] > 1 \
-            else atoms
-    if not keepdim:
-        atoms = np.squeeze(atoms, axis=tuple(dims)) if dims else atoms
+        if atoms.shape[d] == 1:
+            continue  # not a channel dim: nothing is reduced over channels
+        ctx.state.mark_reduced(atoms)  # statistics over these channels change when any of them goes
+        if any(s > 1 for i, s in enumerate(atoms.shape) if i != d):
+            atoms = ctx.state.merge_along(atoms, d)  # per head: its channels move as one
+        else:
+            atoms = np.full(atoms.shape[:d] + (1,) + atoms.shape[d + 1:], NO_CHANNEL, dtype=np.int64)
+    if not keepdim and dims:
+        atoms = np.squeeze(atoms, axis=tuple(dims))
     return atoms
 
 
@@ -259,10 +264,10 @@ def aten_batch_norm(ctx: RuleContext, node: Node) -> Atoms:
 # ---------------------------------------------------------------------------------------------------------
 # Contractions: linear, matmul, conv. Producer rows <-> consumer columns.
 # ---------------------------------------------------------------------------------------------------------
-def _contract(ctx: RuleContext, a: np.ndarray, b: np.ndarray, a_size: int, b_size: int) -> None:
+def _contract(ctx: RuleContext, a: np.ndarray, b: np.ndarray, size: int) -> None:
     """Tie the contracted channels of two operands; a side without channels freezes the other side."""
-    a = np.broadcast_to(a, (a_size,)) if a.size == 1 else a
-    b = np.broadcast_to(b, (b_size,)) if b.size == 1 else b
+    a = np.broadcast_to(a, (size,)) if a.size == 1 else a
+    b = np.broadcast_to(b, (size,)) if b.size == 1 else b
     ctx.state.equal(a, b)
 
 
@@ -280,10 +285,10 @@ def _matmul_weight(ctx: RuleContext, node: Node, x: Node, w_in: np.ndarray, w_ou
     k = ctx.shape(x)[-1]
     x_in = np.moveaxis(xa, -1, 0).reshape(xa.shape[-1], -1)
     if x_in.shape[1] == 1:
-        _contract(ctx, x_in[:, 0], w_in, k, k)
+        _contract(ctx, x_in[:, 0], w_in, k)
     else:  # input channels vary with batch-like dims too (unusual): tie each slice
         for col in x_in.T:
-            _contract(ctx, col, w_in, k, k)
+            _contract(ctx, col, w_in, k)
     if isinstance(bias, Node):
         ctx.state.equal(w_out, ctx.joint(bias))
     nd = len(ctx.shape(node))
@@ -323,7 +328,7 @@ def aten_matmul(ctx: RuleContext, node: Node) -> Atoms:
 def _matmul(ctx: RuleContext, node: Node, a: Node, b: Node) -> np.ndarray:
     sa, sb = ctx.shape(a), ctx.shape(b)
     if len(sa) < 2 or len(sb) < 2:
-        return _unknown(ctx, node)
+        raise NoRule("matmul with a 1-D operand")
     nd = len(ctx.shape(node))
     xa, xb = _pad(ctx.joint(a), nd), _pad(ctx.joint(b), nd)
     ka, kb = xa, np.swapaxes(xb, -1, -2)  # both [..., *, k]
@@ -354,23 +359,30 @@ def _matmul(ctx: RuleContext, node: Node, a: Node, b: Node) -> np.ndarray:
 
 @register("aten::convolution", "aten::conv2d", "aten::conv1d", "aten::conv3d", "aten::_convolution")
 def aten_convolution(ctx: RuleContext, node: Node) -> Atoms:
-    """convolution(input, weight[out, in/groups, ...], bias, ..., groups): channels on dim 1."""
-    x, weight, bias = node.args[0], node.args[1], node.args[2]
-    groups = int(node.args[-1]) if node.target.__name__.startswith(("convolution", "_convolution")) else int(
-        node.args[6] if len(node.args) > 6 else 1)
-    if node.target.__name__.startswith("_convolution"):
-        groups = int(node.args[8])
-    xa = ctx.joint(x)
+    """convolution(input, weight[out, in/groups, ...], bias, ..., groups): channels on dim 1.
+
+    conv1d/2d/3d(input, weight, bias, stride, padding, dilation, groups) carry groups at index 6;
+    convolution/_convolution(..., transposed, output_padding, groups, ...) at index 8. A transposed
+    convolution stores its weight as [in, out/groups]: no rule for it yet, so it is frozen and reported.
+    """
+    args = node.args
+    name = node.target.__name__
+    if name.startswith(("convolution", "_convolution")) and args[6]:
+        raise NoRule("transposed convolution: its weight is [in, out/groups]")
+    groups_at = 8 if name.startswith(("convolution", "_convolution")) else 6
+    groups = int(args[groups_at]) if len(args) > groups_at else 1
+    x, weight = args[0], args[1]
+    bias = args[2] if len(args) > 2 else None
     nd = len(ctx.shape(node))
     w_out, w_in = ctx.axis_atoms(weight, 0), ctx.axis_atoms(weight, 1)
     x_in = ctx.axis_atoms(x, 1)
-    c_in = ctx.shape(x)[1]
     if x_in is None:
-        return _unknown(ctx, node)
+        raise NoRule("input channels vary with other dims")
     for kernel_dim in range(2, len(ctx.shape(weight))):
         ctx.state.freeze(ctx.axis_atoms(weight, kernel_dim))
+    c_in = ctx.shape(x)[1]
     if groups == 1:
-        _contract(ctx, x_in, w_in, c_in, c_in)
+        _contract(ctx, x_in, w_in, c_in)
     elif groups == c_in and len(w_out) == c_in and len(w_in) == 1:  # depthwise: channel i in -> channel i out
         ctx.state.equal(x_in, w_out)
         ctx.state.freeze(w_in)
@@ -380,7 +392,6 @@ def aten_convolution(ctx: RuleContext, node: Node) -> Atoms:
         ctx.state.freeze(w_out)
     if isinstance(bias, Node):
         ctx.state.equal(w_out, ctx.joint(bias))
-    del xa
     return np.expand_dims(w_out, [d for d in range(nd) if d != 1])
 
 
@@ -465,13 +476,11 @@ def aten_view(ctx: RuleContext, node: Node) -> Atoms:
         return np.full((1,) * len(dst), NO_CHANNEL, dtype=np.int64)
     groups = _reshape_groups(src, dst)
     if groups is None:
-        return _unknown(ctx, node)
+        raise NoRule("reshape that does not split or merge whole dims")
     squeezed = atoms.reshape([atoms.shape[d] for d in range(len(src)) if src[d] != 1])
-    s_pos = {d: p for p, d in enumerate(d for d in range(len(src)) if src[d] != 1)}
     varies = [any(atoms.shape[d] > 1 for d in gi) for gi, _ in groups]
     bshape = [src[d] if varies[gnum] else 1 for gnum, (gi, _) in enumerate(groups) for d in gi]
     full = np.broadcast_to(squeezed, bshape) if squeezed.ndim else squeezed
-    del s_pos
     new_shape = []
     for gnum, (_, gj) in enumerate(groups):
         new_shape += [dst[d] for d in gj] if varies[gnum] else [1] * len(gj)
@@ -480,9 +489,7 @@ def aten_view(ctx: RuleContext, node: Node) -> Atoms:
         if out.shape[axis] > 1 and (out == np.take(out, [0], axis=axis)).all():
             out = np.take(out, [0], axis=axis)
     t_idx = [d for d, n in enumerate(dst) if n != 1]
-    result = np.full([1] * len(dst), 0, dtype=np.int64)
-    result = out.reshape([out.shape[t_idx.index(d)] if d in t_idx else 1 for d in range(len(dst))])
-    return result
+    return out.reshape([out.shape[t_idx.index(d)] if d in t_idx else 1 for d in range(len(dst))])
 
 
 @register("aten::transpose.int", "aten::t", "aten::permute", "aten::numpy_T")
@@ -612,8 +619,8 @@ def getitem(ctx: RuleContext, node: Node) -> Atoms:
     parent = ctx.atoms.get(node.args[0].name)
     if isinstance(parent, list):
         picked = parent[node.args[1]]
-        return picked if picked is not None else None
-    return _unknown(ctx, node)
+        return picked
+    raise NoRule("getitem of a value that is not a tuple of tensors")
 
 
 @register("aten::_assert_tensor_metadata", "aten::_assert_scalar", "aten::sym_constrain_range_for_size",
