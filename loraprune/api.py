@@ -13,10 +13,11 @@ from loraprune.ir.groups import ChannelGroup
 from loraprune.ir.plan import PrunePlan
 from loraprune.ir.trace import trace
 from loraprune.passes.dependency import Analysis, build_groups
-from loraprune.passes.importance import CRITERIA, GroupScores
+from loraprune.passes.importance import CRITERIA, GroupScores, annotate_scores
 from loraprune.passes.macs import count_macs
-from loraprune.passes.rewrite import apply_plan, make_plan
+from loraprune.passes.rewrite import apply_plan, make_plan, masked_copy
 from loraprune.passes.select import SelectConfig, select_units
+from loraprune.passes.verify import compare_logits, logits
 
 __all__ = ["PruneResult", "count_params", "prune"]
 
@@ -37,11 +38,14 @@ def count_params(model: nn.Module) -> int:
 
 def prune(model: nn.Module, example_inputs: tuple | torch.Tensor, ratio: float | None = None,
           criterion: str = "magnitude", config: SelectConfig | None = None, scores: GroupScores | None = None,
-          analysis: Analysis | None = None, seed: int = 0) -> PruneResult:
+          analysis: Analysis | None = None, seed: int = 0, batches=None) -> PruneResult:
     """Prune `model` to a compact copy. The input model is never modified.
 
     `ratio` is the fraction of each prunable group's units removed (heads, MLP channels); `config` holds
     the other selection options. `scores` (from any criterion, e.g. LoRA-guided) overrides `criterion`.
+    `batches` (token ids [b, seq] or a list of them) feed the gradient criteria ("lora", "taylor"). The
+    scores are written onto the analysis's graph (`annotate_scores`); the compact model is verified against
+    the masked dense model on `example_inputs` (report["verify"]) and a failure raises.
     """
     if config is None:
         config = SelectConfig(ratio=0.2 if ratio is None else ratio)
@@ -58,7 +62,8 @@ def prune(model: nn.Module, example_inputs: tuple | torch.Tensor, ratio: float |
     timings["trace_and_dependency"] = time.perf_counter() - start
     start = time.perf_counter()
     if scores is None:
-        scores = CRITERIA[criterion](model, analysis.groups, seed=seed)
+        scores = CRITERIA[criterion](model, analysis.groups, seed=seed, batches=batches)
+    annotate_scores(analysis.program, analysis.groups, scores, criterion)
     timings["importance"] = time.perf_counter() - start
     start = time.perf_counter()
     kept = select_units(analysis.groups, scores.units, config, scores.kv)
@@ -67,10 +72,18 @@ def prune(model: nn.Module, example_inputs: tuple | torch.Tensor, ratio: float |
     compact = apply_plan(model, plan)
     timings["rewrite"] = time.perf_counter() - start
     start = time.perf_counter()
+    check = compare_logits(logits(masked_copy(model, analysis.groups, kept), example_inputs),
+                           logits(compact, example_inputs), exact=not config.prune_hidden)
+    if not check["ok"]:
+        raise RuntimeError(f"rewrite verification failed: compact logits differ from the masked model's by "
+                           f"{check['relative_diff']:.2e} (relative)")
+    timings["verify"] = time.perf_counter() - start
+    start = time.perf_counter()
     macs_before = count_macs(analysis.program.graph)
     macs_after = count_macs(trace(compact, example_inputs).graph)
     timings["count_macs"] = time.perf_counter() - start
     report = _report(model, compact, analysis, kept, config, criterion, macs_before, macs_after, timings)
+    report["verify"] = check
     return PruneResult(compact, plan, analysis.groups, report, kept, analysis)
 
 

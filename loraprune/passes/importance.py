@@ -15,7 +15,8 @@ from torch import nn
 
 from loraprune.ir.groups import ChannelGroup
 
-__all__ = ["CRITERIA", "GroupScores", "group_scores", "index_scores", "register_criterion"]
+__all__ = ["CRITERIA", "GroupScores", "annotate_scores", "group_scores", "index_scores", "register_criterion",
+           "scores_from_meta"]
 
 
 @dataclass
@@ -66,6 +67,32 @@ def group_scores(groups: list[ChannelGroup], per_index: dict[tuple[str, int], np
         out.units[g.name] = _units(g.members, g.num_units, per_index)
         if g.num_kv_units:
             out.kv[g.name] = _units(g.kv_members, g.num_kv_units, per_index)
+    return out
+
+
+SCORES_META = "loraprune_importance"
+
+
+def annotate_scores(program, groups: list[ChannelGroup], scores: GroupScores, criterion: str) -> None:
+    """Write each group's unit scores onto the IR: the placeholder node of every member parameter gets
+    `meta["loraprune_importance"][dim] = {"group", "criterion", "unit_scores"}` (scores of the group's units,
+    the same array for every member), so later passes and `inspect` read them from the graph."""
+    node_of = {param: node for node in program.graph.nodes if node.op == "placeholder"
+               for param in [program.param_of_input.get(node.name)] if param is not None}
+    for g in groups:
+        entry = {"group": g.name, "criterion": criterion, "unit_scores": np.asarray(scores.units[g.name])}
+        for param, dim in g.members:
+            node = node_of.get(param)
+            if node is not None:
+                node.meta.setdefault(SCORES_META, {})[dim] = entry
+
+
+def scores_from_meta(program) -> dict[str, dict]:
+    """Group name -> {"criterion", "unit_scores"} as `annotate_scores` left them on the graph."""
+    out: dict[str, dict] = {}
+    for node in program.graph.nodes:
+        for entry in node.meta.get(SCORES_META, {}).values():
+            out[entry["group"]] = {"criterion": entry["criterion"], "unit_scores": entry["unit_scores"]}
     return out
 
 

@@ -29,9 +29,10 @@ from tqdm.auto import tqdm
 from loraprune.ir.groups import ChannelGroup
 from loraprune.passes.importance import GroupScores, group_scores, index_scores, register_criterion
 from loraprune.passes.select import SelectConfig, select_units
+from loraprune.passes.verify import compare_logits, logits
 
 __all__ = ["GradientStats", "add_lora", "causal_lm_loss", "estimated_gradient", "gradient_bytes", "iterative_prune",
-           "lora_criterion", "lora_layers", "lora_prune", "plain_name", "taylor_criterion"]
+           "lora_criterion", "lora_layers", "lora_prune", "lora_recover", "plain_name", "taylor_criterion"]
 
 
 # ----------------------------------------------------------------------------------------------- LoRA plumbing
@@ -202,12 +203,14 @@ class LoRAScorer:
             raise ValueError(f"lam must be in [0, 1), got {lam!r}")
         self.groups, self.lam = groups, lam
         names = _base_weight_names(model)
-        self.keys: dict[tuple[str, int], nn.Module] = {}
+        # member keys by LoRA layer: one weight-sized importance tensor alive at a time, not one per layer
+        self.by_module: dict[int, tuple[nn.Module, list[tuple[str, int]]]] = {}
         for g in groups:
-            for key in list(g.members) + list(g.kv_members):
-                if key[0] in names:
-                    self.keys[key] = names[key[0]]
-        if not self.keys:
+            for key in dict.fromkeys(list(g.members) + list(g.kv_members)):
+                module = names.get(key[0])
+                if module is not None and key not in self.by_module.setdefault(id(module), (module, []))[1]:
+                    self.by_module[id(module)][1].append(key)
+        if not self.by_module:
             raise ValueError("no group member is the base weight of a LoRA layer: add LoRA adapters to the "
                              "projections (add_lora) and analyse the same model")
         self.smoothed: dict[tuple[str, int], np.ndarray] = {}
@@ -215,13 +218,13 @@ class LoRAScorer:
 
     def update(self) -> None:
         """Read the factor gradients of the last backward pass into the smoothed estimate."""
-        cache: dict[int, torch.Tensor] = {}
-        for key, module in self.keys.items():
-            if id(module) not in cache:
-                cache[id(module)] = lora_element_importance(module)
-            cur = index_scores(cache[id(module)], key[1])
-            prev = self.smoothed.get(key)
-            self.smoothed[key] = (1 - self.lam) * cur if prev is None else self.lam * prev + (1 - self.lam) * cur
+        for module, keys in self.by_module.values():
+            element = lora_element_importance(module)
+            for key in keys:
+                cur = index_scores(element, key[1])
+                prev = self.smoothed.get(key)
+                self.smoothed[key] = (1 - self.lam) * cur if prev is None else self.lam * prev + (1 - self.lam) * cur
+            del element
         self.steps += 1
 
     def scores(self) -> GroupScores:
@@ -249,12 +252,15 @@ def lora_criterion(model: nn.Module, groups: list[ChannelGroup], *, batches=None
         raise ValueError("criterion 'lora' needs calibration batches: pass batches=[token ids [b, seq], ...]")
     batches = _as_batches(batches, batch_size)
     added = not lora_layers(model)
+    flags = {id(p): p.requires_grad for p in model.parameters()}  # add_lora freezes the base weights
     work = add_lora(model, r=r, alpha=alpha, seed=seed, dropout=0.0) if added else model
     try:
         return _score(work, groups, batches, lam, stats, seed)
     finally:
         if added:
             work.unload()
+            for p in model.parameters():
+                p.requires_grad_(flags.get(id(p), p.requires_grad))
 
 
 def _score(model, groups, batches, lam, stats, seed) -> GroupScores:
@@ -394,6 +400,46 @@ def cubic_ratio(step: int, steps: int, ratio: float, warmup: float = 0.1, cooldo
 
 # ----------------------------------------------------------------------------------------------- the schedule
 
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, after_backward=None) -> float:
+    """One AdamW step on the causal-LM loss of `batch`; `after_backward` reads the gradients before the step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = causal_lm_loss(model, batch)
+    loss.backward()
+    if after_backward is not None:
+        after_backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def lora_recover(model: nn.Module, batches, *, steps: int, lr: float = 1e-4, r: int = 8, alpha: int = 16,
+                 target: Sequence[str] | None = None, dropout: float = 0.05, seed: int = 0, batch_size: int = 4,
+                 merge: bool = True, progress: bool = True) -> tuple[nn.Module, list[float]]:
+    """LoRA recovery fine-tuning of an (already pruned) model: the baselines' counterpart of the schedule.
+
+    Same optimiser, loss, batches and step count as `iterative_prune`, so a one-shot criterion followed by this
+    gets the same fine-tuning budget as LoRA-guided pruning. Works on a copy; returns (model, loss per step),
+    the model merged into plain weights unless `merge` is False (then a PeftModel).
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    work = add_lora(copy.deepcopy(model), r=r, alpha=alpha, target=target, dropout=dropout, seed=seed)
+    batches = _as_batches(batches, batch_size)
+    params = _lora_params(lora_layers(work))
+    losses: list[float] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        work.train()
+        bar = tqdm(range(1, steps + 1), desc="lora-recover", unit="step", disable=not progress)
+        for step in bar:
+            losses.append(_train_step(work, optimizer, batches[(step - 1) % len(batches)]))
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        bar.close()
+        optimizer.zero_grad(set_to_none=True)
+    work.eval()
+    return (work.merge_and_unload() if merge else work), losses
+
+
 def iterative_prune(model: nn.Module, analysis, batches, *, ratio: float, config: SelectConfig | None = None,
                     steps: int, lr: float = 1e-4, update_every: int = 10, warmup: float = 0.1, cooldown: float = 0.1,
                     lam: float = 0.9, progress: bool = True, seed: int = 0, batch_size: int = 4,
@@ -448,13 +494,8 @@ def iterative_prune(model: nn.Module, analysis, batches, *, ratio: float, config
         bar = tqdm(range(1, steps + 1), desc="lora-prune", unit="step", disable=not progress)
         try:
             for step in bar:
-                optimizer.zero_grad(set_to_none=True)
-                loss = causal_lm_loss(model, batches[(step - 1) % len(batches)])
-                loss.backward()
-                scorer.update()
-                optimizer.step()
+                value = _train_step(model, optimizer, batches[(step - 1) % len(batches)], after_backward=scorer.update)
                 masker.apply(trainable_only=True)
-                value = float(loss.detach())
                 losses.append(value)
                 if step % update_every == 0 or step == end:
                     update(step, cubic_ratio(step, steps, ratio, warmup, cooldown))
@@ -537,6 +578,7 @@ def lora_prune(model: nn.Module, example_inputs, batches, *, ratio: float, confi
                  "warmup": warmup, "cooldown": cooldown, "lam": lam, "seed": seed}
     plan = make_plan(analysis.groups, kept, analysis.param_shapes, analysis.program.aliases,
                      meta={"criterion": "lora", "select": config.to_dict(), "lora": lora_meta})
+    reference = logits(peft_model, example_inputs)  # the masked model, which the compact one must equal
     compact = apply_plan(peft_model, plan, inplace=True)
     groups = analysis.groups
     if merge:
@@ -544,6 +586,10 @@ def lora_prune(model: nn.Module, example_inputs, batches, *, ratio: float, confi
         plan, groups = _plain_plan(plan), _plain_groups(groups)
         kept = {plain_name(k): v for k, v in kept.items()}
     timings["rewrite"] = time.perf_counter() - start
+    check = compare_logits(reference, logits(compact, example_inputs), exact=not config.prune_hidden)
+    if not check["ok"]:
+        raise RuntimeError(f"rewrite verification failed: compact logits differ from the masked model's by "
+                           f"{check['relative_diff']:.2e} (relative)")
     params_after = sum(p.numel() for n, p in compact.named_parameters() if "lora_" not in n)
     report = {"ratio": ratio, "criterion": "lora", "select": config.to_dict(), "lora": lora_meta,
               "merged": merge, "params_before": params_before, "params_after": params_after,
@@ -551,7 +597,7 @@ def lora_prune(model: nn.Module, example_inputs, batches, *, ratio: float, confi
               "lora_params": count_params(compact) - params_after, "groups": analysis.by_kind(),
               "history": [{k: v for k, v in h.items() if k != "kept"} | {
                   "units_kept": int(sum(len(u) for u in h["kept"].values()))} for h in history],
-              "timings": timings}
+              "verify": check, "timings": timings}
     if count_macs:
         start = time.perf_counter()
         report_macs["macs_after"] = macs_of(trace(compact if merge else _plain_base(compact), example_inputs).graph)

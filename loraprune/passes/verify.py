@@ -1,0 +1,46 @@
+"""Verification of a rewrite: the compact model must compute what the masked dense model computes.
+
+The rewrite invariant (design.md) is checked on every prune, not only in the tests: a wrong group would be a
+silent corruption, and this turns it into a recorded, visible figure. Hidden-size pruning is not exact under
+normalisation layers, so there the difference is recorded but not held to the tolerance.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["compare_logits", "logits"]
+
+RELATIVE_TOLERANCE = 1e-4
+
+
+def logits(model: nn.Module, inputs: tuple) -> torch.Tensor:
+    """Float logits (or first output) of `model` on `inputs` in eval mode (the previous mode is restored)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(*inputs)
+    finally:
+        model.train(was_training)
+    if getattr(out, "logits", None) is not None:
+        out = out.logits
+    elif hasattr(out, "to_tuple"):  # other HF outputs (e.g. an encoder's last_hidden_state)
+        out = out.to_tuple()[0]
+    elif isinstance(out, tuple | list):
+        out = out[0]
+    return out.detach().float()
+
+
+def compare_logits(reference: torch.Tensor, compact: torch.Tensor, exact: bool = True) -> dict:
+    """Max absolute difference relative to the reference's largest magnitude; `ok` when within tolerance
+    (always True for an approximate rewrite, whose difference is only reported)."""
+    if reference.shape != compact.shape:
+        raise RuntimeError(f"rewrite verification failed: logits shape {tuple(compact.shape)} != "
+                           f"{tuple(reference.shape)}")
+    diff = float((reference - compact).abs().max()) if reference.numel() else 0.0
+    scale = float(reference.abs().max()) if reference.numel() else 0.0
+    relative = diff / max(scale, 1e-12)
+    return {"max_abs_diff": diff, "relative_diff": relative, "exact": exact,
+            "ok": bool(not exact or relative <= RELATIVE_TOLERANCE)}

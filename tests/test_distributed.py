@@ -1,0 +1,117 @@
+"""Data-parallel LoRA importance on HF Accelerate: one process equals `lora_criterion`, two gloo processes launched
+with `accelerate launch` equal one process that sees both ranks' rows."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+
+from loraprune import analyze
+from loraprune.distributed import accelerated_lora_scores, shard_step, tiny_batches, tiny_llama_model
+from loraprune.passes.lora_importance import add_lora, lora_criterion, lora_layers
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def accelerator():
+    """A single-process CPU Accelerator; its process-wide shared state is cleared afterwards."""
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(True)
+
+
+def assert_same_scores(got, want, rtol=1e-5):
+    assert set(got.units) == set(want.units) and set(got.kv) == set(want.kv)
+    for table in ("units", "kv"):
+        for name, ref in getattr(want, table).items():
+            ref = np.asarray(ref)
+            np.testing.assert_allclose(np.asarray(getattr(got, table)[name]), ref, rtol=rtol,
+                                       atol=rtol * float(np.abs(ref).max() or 1.0), err_msg=f"{table} {name}")
+
+
+def test_shard_step_splits_rows_and_deals_micro_batches():
+    x = torch.arange(10).view(5, 2)
+    parts = [shard_step(x, 2, r) for r in range(2)]
+    assert torch.equal(torch.cat([p[0] for p in parts]), x) and [len(p[0]) for p in parts] == [3, 2]
+    assert shard_step(x[:1], 2, 1) == []  # an empty share: the rank still joins the all-reduce with zeros
+    d = {"input_ids": x, "attention_mask": torch.ones_like(x)}
+    assert shard_step(d, 2, 1)[0]["attention_mask"].shape == (2, 2)
+    assert shard_step(["a", "b", "c"], 2, 0) == ["a", "c"] and shard_step(["a", "b", "c"], 2, 1) == ["b"]
+
+
+def test_one_process_equals_lora_criterion(accelerator):
+    model = tiny_llama_model(0)
+    batches = tiny_batches(steps=3, rows=4, seq=16)
+    groups = analyze(model, batches[0][:1]).groups
+    keys = list(model.state_dict())
+    got = accelerated_lora_scores(model, groups, batches, accelerator=accelerator, seed=0, r=8, alpha=16)
+    assert list(model.state_dict()) == keys and not lora_layers(model)  # adapters added for scoring, removed
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())  # flags restored, no grads
+    want = lora_criterion(model, groups, batches=batches, seed=0, r=8, alpha=16)
+    assert_same_scores(got, want)
+
+
+def test_micro_batches_weighted_by_tokens_equal_the_concatenated_step(accelerator):
+    """A list step of two padded micro-batches with different token counts = one step of their concatenation."""
+    torch.manual_seed(0)
+    model = add_lora(tiny_llama_model(0), r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():  # B != 0, so both terms of the gradient estimate matter
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    ids = tiny_batches(steps=1, rows=4, seq=12, seed=3)[0]
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0
+    mask[3, 4:] = 0
+    whole = {"input_ids": ids, "attention_mask": mask}
+    micro = [{"input_ids": ids[:3], "attention_mask": mask[:3]}, {"input_ids": ids[3:], "attention_mask": mask[3:]}]
+    groups = analyze(model, ids[:1]).groups
+    base = [p for n, p in model.named_parameters() if "lora_" not in n]
+    want = lora_criterion(model, groups, batches=[whole, whole])
+    got = accelerated_lora_scores(model, groups, [micro, micro], accelerator=accelerator)
+    assert_same_scores(got, want)
+    assert lora_layers(model) and all(p.grad is None and not p.requires_grad for p in base)
+
+
+def test_two_accelerate_processes_equal_one_process_on_the_union(tmp_path):
+    out = tmp_path / "scores.npz"
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("ACCELERATE_", "WORLD_SIZE", "RANK", "LOCAL_", "MASTER_", "TORCHELASTIC"))}
+    env |= {"OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"), "TOKENIZERS_PARALLELISM": "false"}
+    # `--cpu --num_processes 2` would run ONE process in accelerate 1.15 (its simple launcher needs an MPI hostfile
+    # for multi-CPU); the torchrun-based `--multi_gpu` launcher starts two, and the script's `--cpu` makes them gloo
+    # CPU processes. HF_HOME in tmp: no accelerate default config from the user's home is read.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           "-m", "loraprune.distributed", "--cpu", "--tiny-test", str(out), "--steps", "3", "--rows", "4",
+           "--seq", "16"]
+    proc = subprocess.run(cmd, env=env, cwd=os.path.dirname(os.path.dirname(__file__)), capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    saved = np.load(out)
+    assert int(saved["world_size"]) == 2
+    assert float(saved["max_rank_diff"]) == 0.0  # every rank ran the same update on the same reduced gradients
+
+    # one process, each step = both ranks' 2 rows (equal token counts: mean of the two ranks' mean-loss
+    # gradients == gradient of the mean loss over the 4 rows)
+    model = tiny_llama_model(0)
+    batches = tiny_batches(steps=3, rows=4, seq=16)
+    groups = analyze(model, batches[0][:1]).groups
+    want = lora_criterion(model, groups, batches=batches, seed=0, r=8, alpha=16)
+    assert {k for k in saved.files if ":" in k} == {f"units:{k}" for k in want.units} | {f"kv:{k}" for k in want.kv}
+    for name, ref in want.units.items():
+        np.testing.assert_allclose(saved[f"units:{name}"], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(),
+                                   err_msg=name)
+    for name, ref in want.kv.items():
+        np.testing.assert_allclose(saved[f"kv:{name}"], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(), err_msg=name)

@@ -1,0 +1,287 @@
+"""Benchmark: held-out perplexity of SmolLM2-135M pruned by lora / taylor / magnitude / random, each one-shot
+and with the same LoRA fine-tuning budget; scoring memory and time of lora vs taylor; Torch-Pruning's Taylor
+pruning as an outside reference.
+
+    .venv/bin/python tools/bench_quality.py --ratios 0.2 0.5 --out runs/bench_quality [--parts quality scoring tp]
+
+Protocol. Perplexity: design.md's (held-out windows of 256 tokens, the first 64, count reported).
+Fine-tuning budget, identical for every criterion: `--steps` AdamW steps on LoRA factors (r=8, alpha=16, all
+linear layers), `--batch` windows of `--window` tokens of the training split per step, lr `--lr`, seed 0.
+"lora + recovery" is LoRAPrune's schedule (masks grow on the cubic schedule during those steps); the other
+criteria prune one-shot and then fine-tune the compact model with `lora_recover` for the same steps. One-shot
+gradient criteria (lora, taylor) score on the first `--calib` training batches. Scoring memory and time: each
+criterion alone in a fresh process (`--scoring-runs` alternating rounds), peak RSS above the RSS before
+scoring (VmHWM reset before it, after a one-batch warm-up call), wall time, and the bytes of parameter
+gradients held.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+CRITERIA = ("lora", "taylor", "magnitude", "random")
+PARTS = ("quality", "scoring", "tp")
+
+
+def _setup(args):
+    import torch
+
+    from loraprune.data import load_corpus, token_windows
+    from loraprune.evaluate import heldout_windows
+    from loraprune.models.load import load_model
+
+    torch.set_num_threads(args.threads)
+    loaded = load_model(args.model)
+    corpus = load_corpus(args.data)
+    train = token_windows(corpus.train, loaded.tokenizer, args.window, args.steps * args.batch)
+    batches = list(train.split(args.batch))
+    evals = heldout_windows(corpus, loaded.tokenizer, window=256, max_windows=args.eval_windows)
+    example = train[:1, :16]
+    return loaded, corpus, batches, evals, example
+
+
+def scoring_worker(args) -> dict:
+    """One criterion's scoring in this (fresh) process: seconds, peak RSS increase, gradient bytes.
+
+    A one-batch warm-up call first, so one-time allocations (thread pools, kernel caches) are resident before
+    the measured call; then `stage_memory_mb` (VmHWM reset, malloc_trim) gives the peak the scoring adds."""
+    from loraprune.passes.dependency import analyze
+    from loraprune.passes.importance import CRITERIA as TABLE
+    from loraprune.passes.lora_importance import GradientStats
+    from loraprune.runtime.bench import stage_memory_mb
+
+    loaded, _, batches, _, example = _setup(args)
+    analysis = analyze(loaded.model, (example,))
+    score = TABLE[args.scoring_worker]
+    score(loaded.model, analysis.groups, batches=batches[:1])
+    stats = GradientStats()
+    start = time.perf_counter()
+    peak_mb = stage_memory_mb(lambda: score(loaded.model, analysis.groups, batches=batches[: args.calib],
+                                            stats=stats))
+    seconds = time.perf_counter() - start
+    return {"criterion": args.scoring_worker, "seconds": seconds, "peak_rss_bytes": (peak_mb or 0.0) * 2**20,
+            "grad_bytes": stats.grad_bytes, "params_with_grad": stats.params_with_grad}
+
+
+def tp_worker(args) -> dict:
+    """Torch-Pruning 1.6.1 Taylor pruning (its LLM example's MetaPruner) at this ratio, then perplexity."""
+    import torch
+    import torch_pruning as tp
+    from tp_reference import make_tp_pruner
+
+    from loraprune.api import count_params
+    from loraprune.evaluate import perplexity
+    from loraprune.passes.lora_importance import causal_lm_loss
+
+    loaded, _, batches, evals, example = _setup(args)
+    model = loaded.model
+    before = count_params(model)
+    start = time.perf_counter()
+    pruner = make_tp_pruner(model, example, args.tp_worker, importance=tp.importance.TaylorImportance())
+    for batch in batches[: args.calib]:
+        causal_lm_loss(model, batch).backward()
+    pruner.step()
+    seconds = time.perf_counter() - start
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        ppl = perplexity(model, evals, progress=False)
+    return {"params_before": before, "params_after": count_params(model), "seconds": seconds, "ppl": ppl.ppl}
+
+
+def _worker(flag: str, value: str, args, limit: float) -> dict:
+    cmd = [sys.executable, __file__, flag, value, "--threads", str(args.threads), "--steps", str(args.steps),
+           "--batch", str(args.batch), "--window", str(args.window), "--calib", str(args.calib)]
+    if args.model:
+        cmd += ["--model", args.model]
+    if args.data:
+        cmd += ["--data", *args.data]
+    cmd += ["--eval-windows", str(args.eval_windows)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
+    except subprocess.TimeoutExpired:
+        return {"status": f"> {limit:.0f} s (did not finish)"}
+    if proc.returncode != 0:
+        return {"status": "failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1][:200]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def quality(args, out: Path) -> dict:
+    from tqdm.auto import tqdm
+
+    from loraprune.api import count_params, prune
+    from loraprune.evaluate import perplexity
+    from loraprune.passes.dependency import analyze
+    from loraprune.passes.lora_importance import lora_prune, lora_recover
+
+    loaded, corpus, batches, evals, example = _setup(args)
+    dense = loaded.model
+    analysis = analyze(dense, (example,))
+    lora_kwargs = {"steps": args.steps, "lr": args.lr, "seed": 0, "batch_size": args.batch, "progress": True}
+    dense_ppl = perplexity(dense, evals)
+    rows = []
+    cells = [(r, c) for r in args.ratios for c in CRITERIA]
+    for ratio, criterion in tqdm(cells, desc="quality"):
+        one_shot = prune(dense, example, ratio=ratio, criterion=criterion, analysis=analysis,
+                         batches=batches[: args.calib], seed=0)
+        ppl_one_shot = perplexity(one_shot.model, evals).ppl
+        start = time.perf_counter()
+        if criterion == "lora":
+            result = lora_prune(dense, example, batches, ratio=ratio, update_every=args.update_every,
+                                count_macs=False, **lora_kwargs)
+            recovered, params_recovered = result.model, result.report["params_after"]
+        else:
+            recovered, _ = lora_recover(one_shot.model, batches, **lora_kwargs)
+            params_recovered = count_params(recovered)
+        seconds = time.perf_counter() - start
+        row = {"ratio": ratio, "criterion": criterion, "params_one_shot": one_shot.report["params_after"],
+               "params_recovered": params_recovered, "ppl_one_shot": ppl_one_shot,
+               "ppl_recovered": perplexity(recovered, evals).ppl, "finetune_seconds": seconds}
+        rows.append(row)
+        tqdm.write(json.dumps(row))
+        (out / "quality_partial.json").write_text(json.dumps(rows, indent=1))
+    return {"dense_ppl": dense_ppl.ppl, "eval_windows": dense_ppl.windows, "eval_window_len": dense_ppl.window_len,
+            "params_dense": count_params(dense), "corpus": corpus.source, "rows": rows}
+
+
+def scoring(args) -> dict:
+    runs: dict[str, list[dict]] = {"lora": [], "taylor": []}
+    for _ in range(args.scoring_runs):
+        for criterion in runs:
+            runs[criterion].append(_worker("--scoring-worker", criterion, args, 900))
+    summary = {}
+    for criterion, results in runs.items():
+        ok = [r for r in results if "seconds" in r]
+        if ok:
+            summary[criterion] = {
+                "seconds_median": statistics.median(r["seconds"] for r in ok),
+                "seconds_min": min(r["seconds"] for r in ok), "seconds_max": max(r["seconds"] for r in ok),
+                "peak_rss_mb_median": statistics.median(r["peak_rss_bytes"] for r in ok) / 2**20,
+                "grad_mb": ok[0]["grad_bytes"] / 2**20, "params_with_grad": ok[0]["params_with_grad"]}
+        else:
+            summary[criterion] = {"status": results[0].get("status", "failed")}
+    if all("seconds_median" in s for s in summary.values()):
+        summary["lora_over_taylor"] = {
+            "peak_rss": summary["lora"]["peak_rss_mb_median"] / summary["taylor"]["peak_rss_mb_median"],
+            "seconds": summary["lora"]["seconds_median"] / summary["taylor"]["seconds_median"],
+            "grad_bytes": summary["lora"]["grad_mb"] / summary["taylor"]["grad_mb"]}
+    return {"runs": runs, "summary": summary}
+
+
+def _markdown(results: dict, args) -> str:
+    lines = [f"# Pruning quality: {results.get('model', 'SmolLM2-135M')}", ""]
+    q = results.get("quality")
+    if q:
+        lines += [f"Held-out perplexity ({q['eval_windows']} windows x {q['eval_window_len']} tokens of "
+                  f"{q['corpus']}); dense: **{q['dense_ppl']:.2f}** ({q['params_dense'] / 1e6:.1f}M params). "
+                  f"Fine-tuning budget: {args.steps} steps x {args.batch}x{args.window} tokens, LoRA r=8, "
+                  f"lr {args.lr}; one-shot gradient criteria use {args.calib} batches.", "",
+                  "| ratio | criterion | params | ppl one-shot | ppl with LoRA recovery | fine-tune s |",
+                  "|---:|---|---:|---:|---:|---:|"]
+        for r in q["rows"]:
+            lines.append(f"| {r['ratio']:g} | {r['criterion']} | {r['params_recovered'] / 1e6:.1f}M | "
+                         f"{r['ppl_one_shot']:.2f} | {r['ppl_recovered']:.2f} | {r['finetune_seconds']:.0f} |")
+    s = results.get("scoring")
+    if s:
+        lines += ["", f"Scoring ({args.calib} batches of {args.batch}x{args.window}), each in a fresh process, "
+                  f"{args.scoring_runs} alternating rounds, median (min-max):", "",
+                  "| criterion | seconds | peak RSS above baseline MiB | parameter-gradient MiB |",
+                  "|---|---:|---:|---:|"]
+        for name in ("lora", "taylor"):
+            c = s["summary"][name]
+            if "status" in c:
+                lines.append(f"| {name} | {c['status']} | | |")
+            else:
+                lines.append(f"| {name} | {c['seconds_median']:.1f} ({c['seconds_min']:.1f}-{c['seconds_max']:.1f})"
+                             f" | {c['peak_rss_mb_median']:.0f} | {c['grad_mb']:.1f} |")
+        if "lora_over_taylor" in s["summary"]:
+            ratio = s["summary"]["lora_over_taylor"]
+            lines.append(f"\nlora / taylor: peak RSS {ratio['peak_rss']:.2f}, time {ratio['seconds']:.2f}, "
+                         f"gradient bytes {ratio['grad_bytes']:.3f}")
+    tp_rows = results.get("torch_pruning")
+    if tp_rows:
+        lines += ["", "Torch-Pruning 1.6.1 TaylorImportance (MetaPruner, its LLM example's settings):", ""]
+        for ratio, r in tp_rows.items():
+            lines.append(f"- ratio {ratio}: " + (r.get("status") or f"params {r['params_after'] / 1e6:.1f}M, "
+                                                  f"ppl {r['ppl']:.2f}, {r['seconds']:.0f} s"))
+    return "\n".join(lines) + "\n"
+
+
+def _plot(results: dict, path: Path) -> None:
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    q = results["quality"]
+    ratios = sorted({r["ratio"] for r in q["rows"]})
+    fig = Figure(figsize=(5 * len(ratios), 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, ratio in enumerate(ratios):
+        ax = fig.add_subplot(1, len(ratios), i + 1)
+        rows = [r for r in q["rows"] if r["ratio"] == ratio]
+        x = np.arange(len(rows))
+        ax.bar(x - 0.2, [r["ppl_one_shot"] for r in rows], 0.4, label="one-shot")
+        ax.bar(x + 0.2, [r["ppl_recovered"] for r in rows], 0.4, label="with LoRA recovery")
+        ax.axhline(q["dense_ppl"], color="black", linestyle="--", linewidth=0.8, label="dense")
+        ax.set_yscale("log")
+        ax.set_xticks(x, [r["criterion"] for r in rows])
+        ax.set_title(f"{ratio:g} of prunable units removed")
+        ax.set_ylabel("held-out perplexity (log)")
+        ax.legend()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.5])
+    parser.add_argument("--out", default="runs/bench_quality")
+    parser.add_argument("--model", default=None, help=".gguf or HF folder (default SmolLM2-135M)")
+    parser.add_argument("--data", nargs="*", default=None, help=".txt/.jsonl files (default pydoc topics)")
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--window", type=int, default=128)
+    parser.add_argument("--calib", type=int, default=8)
+    parser.add_argument("--eval-windows", type=int, default=64, help="at most this many (protocol: 64)")
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--update-every", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--scoring-runs", type=int, default=3)
+    parser.add_argument("--tp-limit", type=float, default=300.0)
+    parser.add_argument("--scoring-worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--tp-worker", type=float, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.scoring_worker:
+        print(json.dumps(scoring_worker(args)))
+        return
+    if args.tp_worker is not None:
+        print(json.dumps(tp_worker(args)))
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "quality.json"
+    results = json.loads(path.read_text()) if path.exists() else {}  # parts run separately share one file
+    results["settings"] = vars(args)
+    if "quality" in args.parts:
+        results["quality"] = quality(args, out)
+        _plot(results, out / "quality.png")
+    if "scoring" in args.parts:
+        results["scoring"] = scoring(args)
+    if "tp" in args.parts:
+        results["torch_pruning"] = {f"{r:g}": _worker("--tp-worker", str(r), args, args.tp_limit)
+                                    for r in args.ratios}
+    path.write_text(json.dumps(results, indent=1, default=str))
+    (out / "quality.md").write_text(_markdown(results, args))
+    print(_markdown(results, args))
+
+
+if __name__ == "__main__":
+    main()
