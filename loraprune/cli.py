@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
+
+import numpy as np
 
 __all__ = ["main"]
 
@@ -20,12 +25,39 @@ def _example_ids(model, length: int = 8):
     return torch.arange(2, 2 + length).remainder(vocab).unsqueeze(0)
 
 
-def _group_table(analysis) -> str:
-    lines = [f"{'group':<44} {'kind':<10} {'units':>6} {'unit':>5} {'kv':>4} {'layer':>5}"]
+def _group_table(analysis, scores: dict) -> str:
+    head = f"{'group':<44} {'kind':<10} {'units':>6} {'unit':>5} {'kv':>4} {'layer':>5}"
+    if scores:
+        head += f"  {'score min / median / max (units, normalised by the max)':<40}  lowest units"
+    lines = [head]
     for g in analysis.groups:
-        lines.append(f"{g.name[:44]:<44} {g.kind:<10} {g.num_units:>6} {g.unit_size:>5} "
-                     f"{g.num_kv_units or '':>4} {'' if g.layer is None else g.layer:>5}")
+        line = (f"{g.name[:44]:<44} {g.kind:<10} {g.num_units:>6} {g.unit_size:>5} "
+                f"{g.num_kv_units or '':>4} {'' if g.layer is None else g.layer:>5}")
+        if g.name in scores:
+            s = np.asarray(scores[g.name]["unit_scores"], dtype=float)
+            top = s.max() if s.size and s.max() > 0 else 1.0
+            lowest = ", ".join(str(i) for i in np.argsort(s, kind="stable")[:5])
+            line += f"  {s.min() / top:>12.3f} {np.median(s) / top:>12.3f} {1.0:>12.3f}    {lowest}"
+        lines.append(line)
     return "\n".join(lines)
+
+
+def _score_into_graph(args: argparse.Namespace, loaded, analysis) -> dict:
+    """Run a criterion, write its scores onto the traced graph's nodes, and read them back from there."""
+    from loraprune.passes.importance import CRITERIA, annotate_scores, scores_from_meta
+
+    if args.criterion not in CRITERIA:
+        raise ValueError(f"unknown criterion {args.criterion!r}; known: {', '.join(sorted(CRITERIA))}")
+    batches = None
+    if args.criterion in ("lora", "taylor"):
+        from loraprune.data import load_corpus, token_windows
+
+        if loaded.tokenizer is None:
+            raise ValueError(f"criterion {args.criterion!r} needs calibration text, and the model has no tokenizer")
+        batches = list(token_windows(load_corpus(args.data).train, loaded.tokenizer, 128, 8).split(2))
+    scores = CRITERIA[args.criterion](loaded.model, analysis.groups, batches=batches, seed=args.seed)
+    annotate_scores(analysis.program, analysis.groups, scores, args.criterion)
+    return scores_from_meta(analysis.program)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -36,8 +68,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     analysis = analyze(loaded.model, (_example_ids(loaded.model),))
     seconds = time.perf_counter() - start
+    scores = _score_into_graph(args, loaded, analysis) if args.criterion else {}
     if args.json:
-        print(json.dumps({"model": loaded.name, "seconds": seconds, "groups": [g.describe() for g in analysis.groups],
+        groups = [g.describe() | ({"scores": scores[g.name]["unit_scores"].tolist()} if g.name in scores else {})
+                  for g in analysis.groups]
+        print(json.dumps({"model": loaded.name, "seconds": seconds, "criterion": args.criterion, "groups": groups,
                           "frozen": [vars(f) | {"params": list(f.params)} for f in analysis.frozen]}, indent=1))
         return 0
     counts = analysis.by_kind()
@@ -50,7 +85,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                          for u, s, kv in sizes)
         print(f"  {kind:<10} {desc}")
     print()
-    print(_group_table(analysis))
+    print(_group_table(analysis, scores))
     print()
     if analysis.frozen:
         print("frozen (never pruned):")
@@ -85,6 +120,146 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_shape(text: str) -> tuple[int, int]:
+    """BATCHxSEQ, e.g. 1x128."""
+    try:
+        batch, seq = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BATCHxSEQ such as 1x128, got {text!r}") from None
+    if batch < 1 or seq < 1:
+        raise argparse.ArgumentTypeError(f"batch and seq must be positive, got {text!r}")
+    return batch, seq
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from loraprune.pipeline import CompileOptions, compile_model
+
+    options = CompileOptions(
+        model=args.model, out=args.out, adapter=args.adapter, data=list(args.data or []), ratio=args.ratio,
+        criterion=args.criterion, scope=args.scope, attention=args.attention, prune_hidden=args.prune_hidden,
+        round_to=args.round_to, steps=args.steps, batch_size=args.batch_size, window=args.window,
+        calib_batches=args.calib_batches, lr=args.lr, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+        eval_window=args.eval_window, eval_windows=args.eval_windows, gen_tokens=args.gen_tokens,
+        bench=not args.no_bench, bench_grid=tuple(args.bench_grid), decode_tokens=args.decode_tokens,
+        bench_runs=args.bench_runs, threads=args.threads, seed=args.seed, force=args.force,
+        trust_remote_code=args.trust_remote_code, progress=not args.quiet)
+    r = compile_model(options)
+    print(f"{r['model']}: params {r['params_before']:,} -> {r['params_after']:,} "
+          f"(-{r['params_removed_fraction']:.1%}), MACs x{r['macs_after'] / r['macs_before']:.3f}, "
+          f"held-out ppl {r['ppl_before']:.2f} -> {r['ppl_after']:.2f} (ONNX {r['ppl_after_onnx']:.2f})")
+    print(f"wrote {args.out}: model/, onnx/, report.json, report.md" + (", bench/" if r["bench"] else ""))
+    return 0
+
+
+def _compiled(folder: str) -> tuple[Path, dict]:
+    from loraprune.pipeline import load_report
+
+    return Path(folder), load_report(folder)
+
+
+def _compact_model(folder: Path):
+    from loraprune.models.save import load_pretrained
+
+    return load_pretrained(folder / "model").eval()
+
+
+def _tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder / "model", local_files_only=True)
+    except Exception as exc:  # transformers raises assorted types for missing or broken tokenizer files
+        raise ValueError(f"{folder / 'model'}: cannot load the tokenizer ({exc})") from None
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from loraprune.runtime.export import export_decode, export_prefill
+
+    folder, _ = _compiled(args.dir)
+    model = _compact_model(folder)
+    suffix = "_fp16" if args.fp16 else ""
+    paths = [export_prefill(model, folder / "onnx" / f"prefill{suffix}.onnx", opset=args.opset, fp16=args.fp16),
+             export_decode(model, folder / "onnx" / f"decode{suffix}.onnx", opset=args.opset, fp16=args.fp16)]
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
+    from loraprune.models.load import load_model
+    from loraprune.pipeline import dense_model
+    from loraprune.runtime.bench import bench_pair, write_report
+
+    folder, report = _compiled(args.dir)
+    dense_source = args.dense or report["source"]
+    loaded = load_model(dense_source, adapter=None if args.dense else report.get("adapter"))
+    compact = _compact_model(folder)
+    onnx = {"prefill": folder / "onnx" / "prefill.onnx", "decode": folder / "onnx" / "decode.onnx"}
+    exported = {"compact": onnx} if all(p.is_file() for p in onnx.values()) else None
+    tmp = Path(tempfile.mkdtemp(prefix=".bench-", dir=folder))
+    try:
+        results = bench_pair(dense_model(loaded.model), compact, grid=tuple(args.grid),
+                             decode_tokens=args.decode_tokens, threads=args.threads, runs=args.runs,
+                             warmup=args.warmup, providers=tuple(args.providers), workdir=tmp / "onnx",
+                             progress=True, exported=exported)
+        shutil.rmtree(tmp / "onnx", ignore_errors=True)
+        write_report(results, tmp / "bench")
+        old = folder / "bench"
+        if old.exists():
+            shutil.rmtree(old)
+        (tmp / "bench").rename(old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print((folder / "bench" / "bench.md").read_text())
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from loraprune.data import load_corpus
+    from loraprune.evaluate import heldout_windows, perplexity
+
+    folder, _ = _compiled(args.dir)
+    tokenizer = _tokenizer(folder)
+    windows = heldout_windows(load_corpus(args.data), tokenizer, args.eval_window, args.eval_windows)
+    result = {"ppl": perplexity(_compact_model(folder), windows).ppl}
+    if args.onnx:
+        from loraprune.pipeline import ort_logits
+        from loraprune.runtime.session import make_session
+
+        result["ppl_onnx"] = perplexity(ort_logits(make_session(folder / "onnx" / "prefill.onnx")), windows).ppl
+    result |= {"windows": int(windows.shape[0]), "window": int(windows.shape[1])}
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    folder, _ = _compiled(args.dir)
+    tokenizer = _tokenizer(folder)
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        raise ValueError("the prompt is empty after tokenization")
+    if args.backend == "ort":
+        from loraprune.runtime.generate import ort_generate
+
+        tokens = ort_generate(None, folder / "onnx" / "decode.onnx", [ids], args.max_new_tokens,
+                              do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                              eos_token_id=tokenizer.eos_token_id)[0].tolist()
+    else:
+        model = _compact_model(folder)
+        torch.manual_seed(args.seed)
+        with torch.no_grad():
+            tokens = model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                                    temperature=args.temperature if args.sample else None,
+                                    top_k=args.top_k if args.sample and args.top_k else None,
+                                    pad_token_id=tokenizer.eos_token_id)[0].tolist()
+    print(args.prompt + tokenizer.decode(tokens[len(ids):], skip_special_tokens=True))
+    return 0
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="a local HF folder (safetensors) or a .gguf file; default: SmolLM2-135M-Instruct from the "
@@ -102,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "channels, hidden size) and print them with anything frozen and why.")
     _add_model_args(p)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
+    p.add_argument("--criterion", default=None,
+                   help="also score every group's units with this criterion (magnitude, random, lora, taylor); "
+                        "the scores are written onto the graph and shown from there")
+    p.add_argument("--data", nargs="+", default=None, help=".txt/.jsonl calibration text for lora/taylor "
+                   "(default: Python's reference docs)")
+    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_inspect)
     p = sub.add_parser("prune", help="prune a model and save the compact model",
                        description="Prune MODEL by a one-shot criterion and save the compact HF model, its plan and "
@@ -119,11 +300,127 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--force", action="store_true", help="replace OUT if it is a previous loraprune output")
     p.set_defaults(fn=cmd_prune)
+    _add_compile(sub)
+    _add_folder_commands(sub)
     return parser
+
+
+def _add_compile(sub) -> None:
+    from loraprune.passes.importance import CRITERIA
+    from loraprune.pipeline import CompileOptions as Defaults
+
+    p = sub.add_parser(
+        "compile", help="the whole job: prune with LoRA, verify, save, export ONNX, evaluate, benchmark, report",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Load MODEL, find its coupled channel groups, prune them (LoRA-guided by default, with LoRA "
+                    "recovery fine-tuning), verify the rewrite, save the compact HF model, export ONNX prefill and "
+                    "KV-cache decode graphs, measure held-out perplexity dense vs compact (PyTorch and ONNX "
+                    "Runtime), benchmark both, and write OUT/report.json, OUT/report.md and plots. OUT is written "
+                    "atomically: an interrupted run leaves nothing behind.")
+    _add_model_args(p)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--force", action="store_true", help="replace OUT if it is an earlier compile output")
+    p.add_argument("--data", nargs="+", default=None, metavar="FILE",
+                   help=".txt or .jsonl ({\"text\": ...} per line) files for calibration, fine-tuning and "
+                        "evaluation (every 5th document held out); default: Python's reference docs")
+    g = p.add_argument_group("pruning")
+    g.add_argument("--ratio", type=float, default=Defaults.ratio,
+                   help="fraction of each prunable group's units removed (heads, MLP channels), in [0, 1)")
+    g.add_argument("--criterion", choices=sorted(CRITERIA), default=Defaults.criterion,
+                   help="lora: LoRAPrune (LoRA gradients, iterative); taylor: full weight gradients; magnitude; "
+                        "random")
+    g.add_argument("--scope", choices=["uniform", "global"], default=Defaults.scope,
+                   help="same ratio per layer, or one global ranking (non-uniform widths)")
+    g.add_argument("--attention", choices=["auto", "kv_groups", "query_heads"], default=Defaults.attention,
+                   help="remove whole KV groups, or query heads evenly inside each group")
+    g.add_argument("--prune-hidden", action="store_true", help="also prune the hidden size (approximate)")
+    g.add_argument("--round-to", type=int, default=Defaults.round_to, help="round kept widths up to a multiple")
+    g = p.add_argument_group("LoRA fine-tuning (the same budget for every criterion)")
+    g.add_argument("--steps", type=int, default=Defaults.steps,
+                   help="optimiser steps: pruning schedule for lora, recovery after one-shot pruning otherwise; "
+                        "0 = one-shot, no fine-tuning")
+    g.add_argument("--batch-size", type=int, default=Defaults.batch_size, help="windows per step")
+    g.add_argument("--window", type=int, default=Defaults.window, help="training window length (tokens)")
+    g.add_argument("--calib-batches", type=int, default=Defaults.calib_batches,
+                   help="batches for one-shot gradient scoring (taylor, or lora with --steps 0)")
+    g.add_argument("--lr", type=float, default=Defaults.lr)
+    g.add_argument("--lora-r", type=int, default=Defaults.lora_r)
+    g.add_argument("--lora-alpha", type=int, default=Defaults.lora_alpha)
+    g = p.add_argument_group("evaluation and benchmark")
+    g.add_argument("--eval-window", type=int, default=Defaults.eval_window, help="perplexity window (tokens)")
+    g.add_argument("--eval-windows", type=int, default=Defaults.eval_windows, help="at most this many windows")
+    g.add_argument("--gen-tokens", type=int, default=Defaults.gen_tokens, help="tokens per sample generation")
+    g.add_argument("--no-bench", action="store_true", help="skip the speed benchmark")
+    g.add_argument("--bench-grid", type=parse_shape, nargs="+", default=list(Defaults.bench_grid),
+                   metavar="BxS", help="prefill shapes to time, e.g. 1x128 1x512 8x128")
+    g.add_argument("--decode-tokens", type=int, default=Defaults.decode_tokens)
+    g.add_argument("--bench-runs", type=int, default=Defaults.bench_runs)
+    g.add_argument("--threads", type=int, default=None, help="torch and ORT threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=Defaults.seed)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_compile)
+
+
+def _add_folder_commands(sub) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser("export", help="re-export the ONNX graphs of a compiled folder", formatter_class=fmt,
+                       description="Export DIR/model to DIR/onnx/prefill.onnx and decode.onnx (with --fp16: "
+                                   "prefill_fp16.onnx and decode_fp16.onnx, for GPUs).")
+    p.add_argument("dir", help="a folder written by `loraprune compile`")
+    p.add_argument("--fp16", action="store_true", help="float16 graphs")
+    p.add_argument("--opset", type=int, default=18)
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("bench", help="benchmark a compiled folder against its dense model", formatter_class=fmt,
+                       description="Dense vs compact, PyTorch eager vs ONNX Runtime (CUDA when present, else CPU): "
+                                   "prefill latency over a (batch, seq) grid and decode ms/token, with the ideal "
+                                   "speedup (MACs / weight bytes) and efficiency. Writes DIR/bench/ (JSON, "
+                                   "markdown, PNG) and prints the table.")
+    p.add_argument("dir", help="a folder written by `loraprune compile`")
+    p.add_argument("--dense", default=None, help="the dense model (default: the one the folder was compiled from)")
+    p.add_argument("--grid", type=parse_shape, nargs="+", default=[(1, 128), (1, 512), (8, 128)], metavar="BxS")
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--providers", nargs="+", choices=["torch", "ort"], default=["torch", "ort"])
+    p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("eval", help="held-out perplexity of a compiled folder", formatter_class=fmt,
+                       description="Perplexity of DIR's compact model on held-out text (design.md protocol).")
+    p.add_argument("dir", help="a folder written by `loraprune compile`")
+    p.add_argument("--data", nargs="+", default=None, metavar="FILE", help=".txt/.jsonl (default: Python docs)")
+    p.add_argument("--eval-window", type=int, default=256)
+    p.add_argument("--eval-windows", type=int, default=64)
+    p.add_argument("--onnx", action="store_true", help="also through ONNX Runtime (DIR/onnx/prefill.onnx)")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("generate", help="generate text with a compiled folder", formatter_class=fmt,
+                       description="Continue PROMPT with DIR's compact model: ONNX Runtime's KV-cache loop over "
+                                   "DIR/onnx/decode.onnx, or PyTorch.")
+    p.add_argument("dir", help="a folder written by `loraprune compile`")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--backend", choices=["ort", "torch"], default="ort")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_generate)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # so SIGTERM runs the same clean-up (temporary output removed) as Ctrl-C
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # library chatter (deprecations inside torch/transformers, exporter notes) is not the user's problem
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*(axis name|TracerWarning|torch.export).*")
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal() works only there
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, RuntimeError) as err:
@@ -133,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"loraprune {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from zoo import VOCAB, tiny_llama, token_ids
+from zoo import VOCAB, save_with_tokenizer, tiny_llama, token_ids
 
 from loraprune.data import DataError, load_corpus, token_windows
 from loraprune.evaluate import heldout_windows, perplexity, sample_generations
@@ -165,19 +165,6 @@ def test_sample_generations_greedy_and_deterministic() -> None:
 # --- loading -------------------------------------------------------------------------------------------
 
 
-def _save_with_tokenizer(model, folder) -> None:
-    """A local HF folder as users have them: safetensors weights, config and a (character) tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "</s>": 1, **{chr(c): c for c in range(32, VOCAB)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    model.save_pretrained(folder)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>")
-    tokenizer.save_pretrained(folder)
-
-
 def test_random_bytes_gguf_is_a_model_load_error(tmp_path) -> None:
     path = tmp_path / "garbage.gguf"
     path.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
@@ -221,7 +208,7 @@ def test_local_folder_with_adapter_loads_and_foreign_adapter_is_refused(tmp_path
     from peft import LoraConfig, PeftModel, get_peft_model
 
     base = tiny_llama(hidden=32, inter=48)
-    _save_with_tokenizer(base, tmp_path / "base")
+    save_with_tokenizer(base, tmp_path / "base")
     for folder, model in (("fits", tiny_llama(hidden=32, inter=48)), ("foreign", tiny_llama())):
         get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / folder)
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "base").iterdir()}

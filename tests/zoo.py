@@ -106,3 +106,17 @@ LM_ZOO = {
     "gpt2": tiny_gpt2,
     "opt": tiny_opt,
 }
+
+
+def save_with_tokenizer(model: nn.Module, folder) -> None:
+    """A local HF folder as users have them: safetensors weights, config and a (character) tokenizer whose
+    ids are the characters' code points (32..VOCAB-1; anything else is <unk>)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "</s>": 1, **{chr(c): c for c in range(32, VOCAB)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    model.save_pretrained(folder)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>")
+    tokenizer.save_pretrained(folder)

@@ -21,16 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from loraprune.cli import parse_shape
+
 ROOT = Path(__file__).resolve().parent.parent
 QUICK_GRID = ((1, 64), (4, 64))
-
-
-def _shape(text: str) -> tuple[int, int]:
-    try:
-        batch, seq = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected BATCHxSEQ such as 1x128, got {text!r}") from None
-    return batch, seq
 
 
 def _load(args: argparse.Namespace):
@@ -67,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help=".gguf file or HF folder (default: SmolLM2-135M)")
     parser.add_argument("--tiny", action="store_true", help="the tiny random test LLaMA (smoke run)")
     parser.add_argument("--quick", action="store_true", help=f"grid {QUICK_GRID} and 8 decode tokens")
-    parser.add_argument("--grid", type=_shape, nargs="+", default=None,
+    parser.add_argument("--grid", type=parse_shape, nargs="+", default=None,
                         help="BATCHxSEQ ... (default 1x128 1x512 8x128)")
     parser.add_argument("--decode-tokens", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)

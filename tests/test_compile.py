@@ -1,0 +1,242 @@
+"""`loraprune compile` end to end on a tiny local model, the commands on its output, and robustness: every bad
+input is one line on stderr, exit code 2 and no output folder; interruption leaves nothing; same seed, same
+plan and figures."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from zoo import save_with_tokenizer, tiny_llama
+
+from loraprune.cli import main
+from loraprune.models.save import load_pretrained
+
+FAST = ["--steps", "4", "--eval-window", "64", "--eval-windows", "4", "--gen-tokens", "4", "--bench-grid", "1x16",
+        "--decode-tokens", "4", "--bench-runs", "2", "--threads", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("models") / "tiny"
+    torch.manual_seed(0)
+    save_with_tokenizer(tiny_llama(layers=2), folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("compiled") / "out"
+    assert main(["compile", str(tiny_folder), "--ratio", "0.5", "--out", str(out), *FAST]) == 0
+    return out
+
+
+def _no_output(out: Path) -> bool:
+    """Neither the folder nor a leftover temporary sibling."""
+    return not out.exists() and not list(out.parent.glob(f".{out.name}.tmp-*"))
+
+
+def test_compile_writes_a_consistent_report_and_loadable_outputs(compiled, tiny_folder):
+    report = json.loads((compiled / "report.json").read_text())
+    for key in ("model", "ratio", "criterion", "params_before", "params_after", "macs_before", "macs_after",
+                "groups", "ppl_before", "ppl_after", "timings", "bench"):
+        assert key in report, key
+    assert report["criterion"] == "lora" and report["ratio"] == 0.5
+    assert report["params_after"] < report["params_before"] and report["macs_after"] < report["macs_before"]
+    assert all(math.isfinite(report[k]) for k in ("ppl_before", "ppl_after", "ppl_after_onnx"))
+    assert report["verify"]["ok"] and report["onnx_parity"]["ok"]
+    assert report["ppl_after_onnx"] == pytest.approx(report["ppl_after"], rel=1e-3)
+    assert report["groups_pruned"] == {"attention": 2, "mlp": 2} and report["frozen"] == []
+    assert report["finetune"]["kind"] == "lora_prune" and report["finetune"]["points"][-1]["ratio"] == 0.5
+    assert all(g["onnx_matches_torch"] for g in report["generations"])
+    stages = {(r["stage"], r["backend"]) for r in report["bench"]["rows"]}
+    assert stages == {("prefill", "torch"), ("prefill", "ort"), ("decode", "torch"), ("decode", "ort")}
+    for name in ("report.md", "quality.png", "finetune.png", "onnx/prefill.onnx", "onnx/decode.onnx",
+                 "bench/bench.json", "bench/speedup.png", "model/model.safetensors"):
+        assert (compiled / name).is_file(), name
+    assert "held-out perplexity" in (compiled / "report.md").read_text()
+    model = load_pretrained(compiled / "model")
+    assert sum(p.numel() for p in model.parameters()) == report["params_after"]
+    assert not list(compiled.parent.glob(".*tmp*"))  # no staging left behind
+
+
+def test_commands_on_a_compiled_folder(compiled, capsys):
+    assert main(["eval", str(compiled), "--eval-window", "64", "--eval-windows", "4", "--onnx"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    report = json.loads((compiled / "report.json").read_text())
+    assert result["ppl"] == pytest.approx(report["ppl_after"], rel=1e-5)  # the saved model is the evaluated one
+    assert result["ppl_onnx"] == pytest.approx(report["ppl_after"], rel=1e-3)
+    outputs = {}
+    for backend in ("ort", "torch"):
+        assert main(["generate", str(compiled), "The import", "--max-new-tokens", "5", "--backend", backend]) == 0
+        outputs[backend] = capsys.readouterr().out.strip()
+    assert outputs["ort"] == outputs["torch"] and outputs["ort"].startswith("The import")
+    assert main(["export", str(compiled), "--fp16"]) == 0
+    assert (compiled / "onnx" / "decode_fp16.onnx").is_file()
+    capsys.readouterr()
+    assert main(["bench", str(compiled), "--grid", "1x8", "--decode-tokens", "2", "--runs", "1", "--warmup", "0",
+                 "--threads", "1"]) == 0
+    assert "speedup" in capsys.readouterr().out
+    assert json.loads((compiled / "bench" / "bench.json").read_text())["meta"]["grid"] == [[1, 8]]
+    assert not list(compiled.glob(".bench-*"))
+
+
+def test_every_command_has_complete_help(capsys):
+    from loraprune.cli import build_parser
+
+    for command in ("compile", "inspect", "prune", "export", "bench", "eval", "generate"):
+        with pytest.raises(SystemExit) as stop:
+            build_parser().parse_args([command, "--help"])
+        assert stop.value.code == 0
+        text = capsys.readouterr().out
+        assert "usage: loraprune" in text and len(text.splitlines()) > 5
+
+
+def test_same_seed_gives_identical_plan_and_figures(tiny_folder, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert main(["compile", str(tiny_folder), "--ratio", "0.3", "--out", str(out), "--no-bench", *FAST]) == 0
+        report = json.loads((out / "report.json").read_text())
+        for volatile in ("timings", "options"):
+            report.pop(volatile)
+        runs.append(((out / "model" / "loraprune_plan.json").read_text(), report))
+    assert runs[0][0] == runs[1][0]
+    assert runs[0][1] == runs[1][1]
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "magnitude"])
+def test_one_shot_criteria_with_recovery(tiny_folder, tmp_path, criterion):
+    out = tmp_path / criterion
+    assert main(["compile", str(tiny_folder), "--criterion", criterion, "--out", str(out), "--no-bench",
+                 *FAST]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["finetune"]["kind"] == "lora_recover" and len(report["finetune"]["points"]) == 4
+    assert report["params_after"] < report["params_before"] and report["verify"]["ok"]
+
+
+def test_unknown_op_is_frozen_and_reported_and_the_run_goes_on(tiny_folder, tmp_path, monkeypatch):
+    from loraprune.passes import rules
+
+    silu = [op for op in rules.RULES if op.startswith("aten::silu")]
+    assert silu
+    for op in silu:  # the MLP's activation becomes an op without a rule
+        monkeypatch.delitem(rules.RULES, op)
+    out = tmp_path / "out"
+    assert main(["compile", str(tiny_folder), "--criterion", "magnitude", "--ratio", "0.5", "--out", str(out),
+                 "--no-bench", *FAST]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert any("silu" in f["op"] for f in report["frozen"])
+    assert "mlp" not in report["groups_pruned"] and report["groups_pruned"].get("attention")
+    assert report["params_after"] < report["params_before"]
+
+
+def _gguf_of_unknown_architecture(path: Path) -> None:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "notanarch")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _foreign_adapter(path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    get_peft_model(tiny_llama(hidden=32, inter=48), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(path)
+
+
+BAD = {
+    "missing model": (lambda d: [str(d / "nope")], "nope"),
+    "corrupt gguf": (lambda d: (d / "bad.gguf").write_bytes(os.urandom(4096)) and [str(d / "bad.gguf")], "bad.gguf"),
+    "unsupported gguf": (lambda d: _gguf_of_unknown_architecture(d / "odd.gguf") or [str(d / "odd.gguf")],
+                         "notanarch"),
+    "ratio 1": (lambda d: ["TINY", "--ratio", "1.0"], "ratio must be in [0, 1)"),
+    "ratio negative": (lambda d: ["TINY", "--ratio", "-0.1"], "ratio must be in [0, 1)"),
+    "foreign adapter": (lambda d: _foreign_adapter(d / "adapter") or ["TINY", "--adapter", str(d / "adapter")],
+                        "made for another base model"),
+    "empty data": (lambda d: (d / "e.txt").write_text("  \n") and ["TINY", "--data", str(d / "e.txt")],
+                   "e.txt: file has no text"),
+    "short data": (lambda d: (d / "s.txt").write_text("tiny text") and ["TINY", "--data", str(d / "s.txt")],
+                   "text too short"),
+    "bad data type": (lambda d: (d / "x.csv").write_text("a,b") and ["TINY", "--data", str(d / "x.csv")],
+                      "unsupported file type"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_one_line_exit_2_no_output(case, tiny_folder, tmp_path, capsys):
+    make, needle = BAD[case]
+    argv = [str(tiny_folder) if a == "TINY" else a for a in make(tmp_path)]
+    out = tmp_path / "out"
+    assert main(["compile", *argv, "--out", str(out), *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+    assert err.startswith("loraprune compile: error:")
+    assert _no_output(out)
+
+
+def test_existing_output_needs_force_and_strangers_folders_are_never_replaced(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for extra in ([], ["--force"]):
+        assert main(["compile", str(tiny_folder), "--out", str(out), *FAST, *extra]) == 2
+        err = capsys.readouterr().err
+        assert "exists" in err and len(err.strip().splitlines()) == 1
+        assert (out / "notes.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+    assert main(["eval", str(out)]) == 2  # not a compile output
+    assert "not a loraprune compile output" in capsys.readouterr().err
+
+
+def test_force_replaces_an_earlier_compile(compiled, tiny_folder, tmp_path):
+    out = tmp_path / "again"
+    assert main(["compile", str(tiny_folder), "--out", str(out), "--no-bench", *FAST]) == 0
+    first = (out / "report.json").read_text()
+    assert main(["compile", str(tiny_folder), "--out", str(out), "--no-bench", "--ratio", "0.3", "--force",
+                 *FAST]) == 0
+    assert json.loads((out / "report.json").read_text())["ratio"] == 0.3 != json.loads(first)["ratio"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_interrupted_compile_leaves_no_output_folder(sig, tiny_folder, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "loraprune", "compile", str(tiny_folder), "--out", str(out),
+                             *FAST, "--steps", "2000"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.tmp-*")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stderr.read().decode()[-500:]
+    assert list(tmp_path.glob(".out.tmp-*")), "the run never reached its staging folder"
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    assert not out.exists()
+    if sig == signal.SIGTERM:  # a catchable signal also removes the staging folder
+        assert proc.returncode == 130 and _no_output(out)
+        assert "interrupted" in proc.stderr.read().decode()
+
+
+@pytest.mark.real_model
+def test_compile_smollm2_short_setting(tmp_path):
+    out = tmp_path / "smol"
+    assert main(["compile", "--ratio", "0.2", "--out", str(out), "--steps", "2", "--batch-size", "1",
+                 "--window", "64", "--eval-windows", "2", "--gen-tokens", "4", "--bench-grid", "1x16",
+                 "--decode-tokens", "3", "--bench-runs", "1", "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["params_after"] < report["params_before"] and report["macs_after"] < report["macs_before"]
+    assert all(math.isfinite(report[k]) for k in ("ppl_before", "ppl_after", "ppl_after_onnx"))
+    assert report["verify"]["ok"] and report["onnx_parity"]["ok"]
+    assert report["groups"] == {"attention": 30, "mlp": 30, "hidden": 1}
+    assert report["ppl_before"] < 40  # the dense model is the real, working SmolLM2
