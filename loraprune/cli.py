@@ -28,7 +28,7 @@ def _example_ids(model, length: int = 8):
 def _group_table(analysis, scores: dict) -> str:
     head = f"{'group':<44} {'kind':<10} {'units':>6} {'unit':>5} {'kv':>4} {'layer':>5}"
     if scores:
-        head += f"  {'score min / median / max (units, normalised by the max)':<40}  lowest units"
+        head += f"  {'score min':>12} {'median':>12} {'max':>12}    lowest units"
     lines = [head]
     for g in analysis.groups:
         line = (f"{g.name[:44]:<44} {g.kind:<10} {g.num_units:>6} {g.unit_size:>5} "
@@ -85,6 +85,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                          for u, s, kv in sizes)
         print(f"  {kind:<10} {desc}")
     print()
+    if scores:
+        print(f"unit scores ({args.criterion}, read back from the graph's node meta), relative to each group's max")
     print(_group_table(analysis, scores))
     print()
     if analysis.frozen:
@@ -142,7 +144,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         eval_window=args.eval_window, eval_windows=args.eval_windows, gen_tokens=args.gen_tokens,
         bench=not args.no_bench, bench_grid=tuple(args.bench_grid), decode_tokens=args.decode_tokens,
         bench_runs=args.bench_runs, threads=args.threads, seed=args.seed, force=args.force,
-        trust_remote_code=args.trust_remote_code, progress=not args.quiet)
+        trust_remote_code=args.trust_remote_code, progress=not args.quiet, keep_adapter=args.keep_adapter)
     r = compile_model(options)
     print(f"{r['model']}: params {r['params_before']:,} -> {r['params_after']:,} "
           f"(-{r['params_removed_fraction']:.1%}), MACs x{r['macs_after'] / r['macs_before']:.3f}, "
@@ -158,9 +160,15 @@ def _compiled(folder: str) -> tuple[Path, dict]:
 
 
 def _compact_model(folder: Path):
+    """The compact model as compiled: model/, with adapter/ merged in when the adapter was kept apart."""
     from loraprune.models.save import load_pretrained
 
-    return load_pretrained(folder / "model").eval()
+    model = load_pretrained(folder / "model")
+    if (folder / "adapter").is_dir():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(folder / "adapter")).merge_and_unload()
+    return model.eval()
 
 
 def _tokenizer(folder: Path):
@@ -346,6 +354,8 @@ def _add_compile(sub) -> None:
     g.add_argument("--lr", type=float, default=Defaults.lr)
     g.add_argument("--lora-r", type=int, default=Defaults.lora_r)
     g.add_argument("--lora-alpha", type=int, default=Defaults.lora_alpha)
+    g.add_argument("--keep-adapter", action="store_true",
+                   help="lora: keep the pruned adapter apart (OUT/adapter) instead of merging it into OUT/model")
     g = p.add_argument_group("evaluation and benchmark")
     g.add_argument("--eval-window", type=int, default=Defaults.eval_window, help="perplexity window (tokens)")
     g.add_argument("--eval-windows", type=int, default=Defaults.eval_windows, help="at most this many windows")

@@ -11,6 +11,7 @@ seed, the plan and every figure of the report except timings and benchmark laten
 The output folder:
 
     model/      HF folder (safetensors, config, plan, tokenizer): `load_pretrained` or `from_pretrained`
+    adapter/    with keep_adapter: the pruned PEFT adapter; model/ then holds the unmerged compact base
     onnx/       prefill.onnx (input_ids, attention_mask -> logits) and decode.onnx (with KV cache)
     bench/      bench.json, bench.md, speedup.png, efficiency.png (dense vs compact, torch vs ORT)
     report.json report.md quality.png finetune.png
@@ -75,6 +76,7 @@ class CompileOptions:
     decode_tokens: int = 16
     bench_runs: int = 10
     threads: int | None = None  # None: torch's current setting
+    keep_adapter: bool = False  # lora: save the compact base and the pruned adapter unmerged (model/, adapter/)
     seed: int = 0
     force: bool = False
     trust_remote_code: bool = False
@@ -88,6 +90,8 @@ class CompileOptions:
         for name in ("steps", "gen_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.keep_adapter and (self.criterion != "lora" or self.steps == 0):
+            raise ValueError("keep_adapter needs criterion 'lora' with steps > 0 (the adapter trained while pruning)")
         for name in ("batch_size", "calib_batches", "eval_windows", "bench_runs", "lora_r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -211,10 +215,11 @@ def _run(options: CompileOptions, loaded, data: _Data, stages: _Stages, tmp: Pat
         analysis = analyze(dense, (data.example,))
     with stages("prune", options.criterion):
         result, finetune = _prune(options, loaded.model, dense, analysis, data, config)
-    compact = result.model.eval()
     with stages("save"):
-        save_pretrained(compact, result.plan, tmp / "model", dense_config=_base_config(loaded.model),
+        saved = _split_adapter(result, tmp / "adapter") if options.keep_adapter else result.model
+        save_pretrained(saved, result.plan, tmp / "model", dense_config=_base_config(loaded.model),
                         tokenizer=loaded.tokenizer)
+    compact = result.model.eval()
     with stages("export"):
         from loraprune.runtime.export import export_decode, export_prefill
 
@@ -246,7 +251,8 @@ def _prune(options: CompileOptions, model: nn.Module, dense: nn.Module, analysis
     if options.criterion == "lora" and options.steps > 0:
         # an input adapter is kept unmerged here: its factors seed the LoRA that scores and recovers
         result = lora_prune(model, (data.example,), data.train, ratio=options.ratio, config=config,
-                            steps=options.steps, update_every=max(1, options.steps // 10), **lora)
+                            steps=options.steps, update_every=max(1, options.steps // 10),
+                            merge=not options.keep_adapter, **lora)
         history = result.report["history"]
         finetune = {"kind": "lora_prune", "steps": options.steps,
                     "points": [{"step": h["step"], "loss": h["loss"], "ratio": h["ratio"]} for h in history]}
@@ -262,6 +268,19 @@ def _prune(options: CompileOptions, model: nn.Module, dense: nn.Module, analysis
         finetune = {"kind": "lora_recover", "steps": options.steps,
                     "points": [{"step": i + 1, "loss": v, "ratio": options.ratio} for i, v in enumerate(losses)]}
     return result, finetune
+
+
+def _split_adapter(result, adapter_dir: Path) -> nn.Module:
+    """Save the pruned adapter of an unmerged LoRA result to `adapter_dir`; turn the result into its merged,
+    plain-named form (what is evaluated and exported) and return the compact base model to save beside it."""
+    from loraprune.passes.lora_importance import plain_groups, plain_name, plain_plan
+
+    peft_model = result.model
+    peft_model.save_pretrained(adapter_dir)
+    result.model = copy.deepcopy(peft_model).merge_and_unload()
+    result.plan, result.groups = plain_plan(result.plan), plain_groups(result.groups)
+    result.kept_units = {plain_name(k): v for k, v in result.kept_units.items()}
+    return peft_model.unload()
 
 
 def _frozen(f) -> dict:

@@ -46,3 +46,15 @@ def test_inspect_json_on_a_local_folder(tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     kinds = sorted(g["kind"] for g in data["groups"])
     assert kinds == ["attention", "attention", "hidden", "mlp", "mlp"] and data["frozen"] == []
+
+
+def test_inspect_shows_scores_written_onto_the_graph(tmp_path, capsys):
+    model_dir = tmp_path / "tiny"
+    tiny_llama(layers=2).save_pretrained(model_dir)
+    assert main(["inspect", str(model_dir), "--json", "--criterion", "magnitude"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["criterion"] == "magnitude"
+    for g in data["groups"]:
+        assert len(g["scores"]) == g["units"] and min(g["scores"]) >= 0
+    assert main(["inspect", str(model_dir), "--criterion", "magnitude"]) == 0
+    assert "lowest units" in capsys.readouterr().out

@@ -240,3 +240,29 @@ def test_compile_smollm2_short_setting(tmp_path):
     assert report["verify"]["ok"] and report["onnx_parity"]["ok"]
     assert report["groups"] == {"attention": 30, "mlp": 30, "hidden": 1}
     assert report["ppl_before"] < 40  # the dense model is the real, working SmolLM2
+
+
+def test_compile_with_an_input_adapter_and_keep_adapter(tiny_folder, tmp_path, capsys):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from loraprune.models.load import load_model
+
+    base = load_model(str(tiny_folder)).model
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    peft_model = get_peft_model(base, config)
+    peft_model.save_pretrained(tmp_path / "adapter_in")
+    out = tmp_path / "out"
+    assert main(["compile", str(tiny_folder), "--adapter", str(tmp_path / "adapter_in"), "--ratio", "0.5",
+                 "--keep-adapter", "--out", str(out), "--no-bench", *FAST]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["adapter"] == str(tmp_path / "adapter_in") and report["verify"]["ok"]
+    # the input adapter (r=4, not the default 8) is the one that was trained and pruned
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    compact_base = load_pretrained(out / "model")
+    reloaded = PeftModel.from_pretrained(compact_base, str(out / "adapter"))
+    assert sum(p.numel() for n, p in reloaded.named_parameters() if "lora_" not in n) == report["params_after"]
+    capsys.readouterr()
+    assert main(["eval", str(out), "--eval-window", "64", "--eval-windows", "4"]) == 0
+    ppl = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppl"]
+    assert ppl == pytest.approx(report["ppl_after"], rel=1e-5)  # model/ + adapter/ is what was evaluated

@@ -32,7 +32,8 @@ from loraprune.passes.select import SelectConfig, select_units
 from loraprune.passes.verify import compare_logits, logits
 
 __all__ = ["GradientStats", "add_lora", "causal_lm_loss", "estimated_gradient", "gradient_bytes", "iterative_prune",
-           "lora_criterion", "lora_layers", "lora_prune", "lora_recover", "plain_name", "taylor_criterion"]
+           "lora_criterion", "lora_layers", "lora_prune", "lora_recover", "plain_groups", "plain_name", "plain_plan",
+           "taylor_criterion"]
 
 
 # ----------------------------------------------------------------------------------------------- LoRA plumbing
@@ -511,7 +512,8 @@ def iterative_prune(model: nn.Module, analysis, batches, *, ratio: float, config
 
 # ----------------------------------------------------------------------------------------------- end to end
 
-def _plain_plan(plan):
+def plain_plan(plan):
+    """The plan of a PEFT model in the plain model's names, LoRA factors dropped: it applies to the base."""
     from loraprune.ir.plan import PrunePlan
 
     def keep(name: str) -> bool:
@@ -524,7 +526,8 @@ def _plain_plan(plan):
                      {plain_name(n): s for n, s in plan.sizes.items()}, dict(plan.meta))
 
 
-def _plain_groups(groups: list[ChannelGroup]) -> list[ChannelGroup]:
+def plain_groups(groups: list[ChannelGroup]) -> list[ChannelGroup]:
+    """Groups of a PEFT model in the plain model's names, LoRA factor members dropped."""
     def table(t):
         return {(plain_name(p), d): ids for (p, d), ids in t.items()
                 if not re.search(r"\.lora_[A-Za-z_]+\.", f".{p}.")}
@@ -583,7 +586,7 @@ def lora_prune(model: nn.Module, example_inputs, batches, *, ratio: float, confi
     groups = analysis.groups
     if merge:
         compact = compact.merge_and_unload()
-        plan, groups = _plain_plan(plan), _plain_groups(groups)
+        plan, groups = plain_plan(plan), plain_groups(groups)
         kept = {plain_name(k): v for k, v in kept.items()}
     timings["rewrite"] = time.perf_counter() - start
     check = compare_logits(reference, logits(compact, example_inputs), exact=not config.prune_hidden)
