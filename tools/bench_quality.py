@@ -128,7 +128,7 @@ def quality(args, out: Path) -> dict:
     lora_kwargs = {"steps": args.steps, "lr": args.lr, "seed": 0, "batch_size": args.batch, "progress": True}
     dense_ppl = perplexity(dense, evals)
     rows = []
-    cells = [(r, c) for r in args.ratios for c in CRITERIA]
+    cells = [(r, c) for r in args.ratios for c in args.criteria]
     for ratio, criterion in tqdm(cells, desc="quality"):
         one_shot = prune(dense, example, ratio=ratio, criterion=criterion, analysis=analysis,
                          batches=batches[: args.calib], seed=0)
@@ -246,6 +246,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help=".gguf or HF folder (default SmolLM2-135M)")
     parser.add_argument("--data", nargs="*", default=None, help=".txt/.jsonl files (default pydoc topics)")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    parser.add_argument("--criteria", nargs="+", default=list(CRITERIA), choices=CRITERIA)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--window", type=int, default=128)
