@@ -117,19 +117,22 @@ def estimated_gradient(module: nn.Module) -> torch.Tensor:
     da = a.grad if a.grad is not None else torch.zeros_like(a)
     db = b.grad if b.grad is not None else torch.zeros_like(b)
     a, b, da, db = (t.detach().float() for t in (a, b, da, db))
-    g = s * (db @ a + b @ da - db @ da)
+    g = db @ a  # then in place: one weight-sized tensor, however large the layer
+    g.addmm_(b, da).addmm_(db, da, alpha=-1.0).mul_(s)
     return g.T if module.fan_in_fan_out else g
 
 
 def _merged_weight(module: nn.Module) -> torch.Tensor:
-    base = module.get_base_layer().weight.detach().float()
+    """W0 + s·BA as a new float tensor (the delta is computed fresh, so it is safe to add into)."""
+    base = module.get_base_layer().weight.detach()
     with torch.no_grad():
-        return base + module.get_delta_weight(module.active_adapters[0]).detach().float()
+        delta = module.get_delta_weight(module.active_adapters[0]).detach().float()
+        return delta.add_(base)
 
 
 def lora_element_importance(module: nn.Module) -> torch.Tensor:
-    """|(W0 + s·BA) ⊙ G| per element of the base weight."""
-    return (_merged_weight(module) * estimated_gradient(module)).abs()
+    """|(W0 + s·BA) ⊙ G| per element of the base weight, computed in place to keep the scoring's peak low."""
+    return _merged_weight(module).mul_(estimated_gradient(module)).abs_()
 
 
 def gradient_bytes(model: nn.Module) -> int:
