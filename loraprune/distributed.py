@@ -41,11 +41,9 @@ from loraprune.ir.groups import ChannelGroup
 from loraprune.passes.importance import GroupScores
 from loraprune.passes.lora_importance import (
     GradientStats,
-    LoRAScorer,
-    _as_batches,
     _lora_params,
-    add_lora,
     causal_lm_loss,
+    lora_criterion,
     lora_layers,
 )
 
@@ -153,51 +151,16 @@ def accelerated_lora_scores(model: nn.Module, groups: list[ChannelGroup], batche
         from accelerate import Accelerator
 
         accelerator = Accelerator()
-    steps = _as_batches(batches, batch_size)
-    flags = [(p, p.requires_grad) for p in model.parameters()]  # add_lora freezes the base weights
-    added = not lora_layers(model)
-    work = add_lora(model, r=r, alpha=alpha, seed=seed, dropout=0.0) if added else model
-    try:
-        return _score(work, groups, steps, accelerator, lam, seed, shard, stats)
-    finally:
-        if added:
-            work.unload()
-            for p, flag in flags:
-                p.requires_grad_(flag)
-
-
-def _score(model: nn.Module, groups: list[ChannelGroup], steps: list, accelerator: Accelerator, lam: float,
-           seed: int, shard: bool, stats: GradientStats | None) -> GroupScores:
-    params = _lora_params(lora_layers(model))
-    flags = {id(p): p.requires_grad for p in model.parameters()}
-    scorer = LoRAScorer(model, groups, lam)
     world, rank = accelerator.num_processes, accelerator.process_index
-    was_training = model.training
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-            p.grad = None
-        for p in params:
-            p.requires_grad_(True)
-        model.eval()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            for step in steps:
-                for p in params:
-                    p.grad = None
-                micro = shard_step(step, world, rank) if shard else (
-                    list(step) if isinstance(step, (list, tuple)) else [step])
-                tokens = _local_backward(model, micro)
-                _reduce_gradients(params, tokens, accelerator)
-                if stats is not None:
-                    stats.record(model)
-                scorer.update()
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(flags[id(p)])
-            p.grad = None
-        model.train(was_training)
-    return scorer.scores()
+
+    def backward(work: nn.Module, step) -> None:
+        micro = shard_step(step, world, rank) if shard else (
+            list(step) if isinstance(step, (list, tuple)) else [step])
+        tokens = _local_backward(work, micro)
+        _reduce_gradients(_lora_params(lora_layers(work)), tokens, accelerator)
+
+    return lora_criterion(model, groups, batches=batches, seed=seed, lam=lam, batch_size=batch_size, stats=stats,
+                          r=r, alpha=alpha, backward=backward)
 
 
 # ----------------------------------------------------------------------------------------------- test harness

@@ -13,10 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from zoo import save_with_tokenizer, tiny_llama
+from zoo import save_with_tokenizer, tiny_llama, write_gguf_of_unknown_architecture
 
 from loraprune.cli import main
 from loraprune.models.save import load_pretrained
@@ -140,17 +139,6 @@ def test_unknown_op_is_frozen_and_reported_and_the_run_goes_on(tiny_folder, tmp_
     assert report["params_after"] < report["params_before"]
 
 
-def _gguf_of_unknown_architecture(path: Path) -> None:
-    import gguf
-
-    writer = gguf.GGUFWriter(str(path), "notanarch")
-    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
 def _foreign_adapter(path: Path) -> None:
     from peft import LoraConfig, get_peft_model
 
@@ -160,7 +148,7 @@ def _foreign_adapter(path: Path) -> None:
 BAD = {
     "missing model": (lambda d: [str(d / "nope")], "nope"),
     "corrupt gguf": (lambda d: (d / "bad.gguf").write_bytes(os.urandom(4096)) and [str(d / "bad.gguf")], "bad.gguf"),
-    "unsupported gguf": (lambda d: _gguf_of_unknown_architecture(d / "odd.gguf") or [str(d / "odd.gguf")],
+    "unsupported gguf": (lambda d: write_gguf_of_unknown_architecture(d / "odd.gguf") or [str(d / "odd.gguf")],
                          "notanarch"),
     "ratio 1": (lambda d: ["TINY", "--ratio", "1.0"], "ratio must be in [0, 1)"),
     "ratio negative": (lambda d: ["TINY", "--ratio", "-0.1"], "ratio must be in [0, 1)"),

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from zoo import VOCAB, save_with_tokenizer, tiny_llama, token_ids
+from zoo import VOCAB, save_with_tokenizer, tiny_llama, token_ids, write_gguf_of_unknown_architecture
 
 from loraprune.data import DataError, load_corpus, token_windows
 from loraprune.evaluate import heldout_windows, perplexity, sample_generations
@@ -174,16 +174,8 @@ def test_random_bytes_gguf_is_a_model_load_error(tmp_path) -> None:
 
 
 def test_unsupported_gguf_architecture_is_a_model_load_error(tmp_path) -> None:
-    import gguf
-    import numpy as np
-
     path = tmp_path / "odd.gguf"
-    writer = gguf.GGUFWriter(str(path), "notanarch")
-    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_gguf_of_unknown_architecture(path)
     with pytest.raises(ModelLoadError, match="notanarch") as info:
         load_model(path)
     assert str(path) in str(info.value)

@@ -15,13 +15,7 @@ from loraprune import analyze
 from loraprune.distributed import accelerated_lora_scores, shard_step, tiny_batches, tiny_llama_model
 from loraprune.passes.lora_importance import add_lora, lora_criterion, lora_layers
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

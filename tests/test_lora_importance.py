@@ -25,13 +25,7 @@ from loraprune.passes.lora_importance import (
 from loraprune.passes.rewrite import apply_plan, make_plan, masked_copy
 from loraprune.passes.select import select_units
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def logits(model, x):

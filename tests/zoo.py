@@ -120,3 +120,16 @@ def save_with_tokenizer(model: nn.Module, folder) -> None:
     model.save_pretrained(folder)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>")
     tokenizer.save_pretrained(folder)
+
+
+def write_gguf_of_unknown_architecture(path) -> None:
+    """A well-formed GGUF file whose architecture ("notanarch") no loader knows."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "notanarch")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

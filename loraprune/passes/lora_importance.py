@@ -243,14 +243,20 @@ def _lora_params(layers: dict[str, nn.Module]) -> list[nn.Parameter]:
     return out
 
 
+def _plain_backward(model: nn.Module, batch) -> None:
+    causal_lm_loss(model, batch).backward()
+
+
 @register_criterion("lora")
 def lora_criterion(model: nn.Module, groups: list[ChannelGroup], *, batches=None, seed: int = 0, lam: float = 0.9,
                    batch_size: int = 4, stats: GradientStats | None = None, r: int = 8, alpha: int = 16,
-                   **_: object) -> GroupScores:
+                   backward=None, **_: object) -> GroupScores:
     """LoRA-guided importance from the factor gradients of `batches` (no optimiser step, eval mode).
 
     On a model without LoRA layers, adapters are added for the scoring (B = 0 at init, so G = s·dB·A) and
     removed again; groups may be analysed on the PEFT model or the plain model. Base weights get no `.grad`.
+    `backward(model, batch)` leaves the factor gradients of one step in `.grad` (default: the batch's
+    causal-LM loss; `loraprune.distributed` passes a data-parallel one).
     """
     if batches is None:
         raise ValueError("criterion 'lora' needs calibration batches: pass batches=[token ids [b, seq], ...]")
@@ -259,7 +265,7 @@ def lora_criterion(model: nn.Module, groups: list[ChannelGroup], *, batches=None
     flags = {id(p): p.requires_grad for p in model.parameters()}  # add_lora freezes the base weights
     work = add_lora(model, r=r, alpha=alpha, seed=seed, dropout=0.0) if added else model
     try:
-        return _score(work, groups, batches, lam, stats, seed)
+        return _score(work, groups, batches, lam, stats, seed, backward or _plain_backward)
     finally:
         if added:
             work.unload()
@@ -267,7 +273,7 @@ def lora_criterion(model: nn.Module, groups: list[ChannelGroup], *, batches=None
                 p.requires_grad_(flags.get(id(p), p.requires_grad))
 
 
-def _score(model, groups, batches, lam, stats, seed) -> GroupScores:
+def _score(model, groups, batches, lam, stats, seed, backward) -> GroupScores:
     layers = lora_layers(model)
     params = _lora_params(layers)
     flags = {id(p): p.requires_grad for p in model.parameters()}
@@ -285,7 +291,7 @@ def _score(model, groups, batches, lam, stats, seed) -> GroupScores:
             for batch in batches:
                 for p in params:
                     p.grad = None
-                causal_lm_loss(model, batch).backward()
+                backward(model, batch)
                 if stats is not None:
                     stats.record(model)
                 scorer.update()
