@@ -113,9 +113,9 @@ class CompileOptions:
 class _Stages:
     """Times each stage, shows where the run is, and keeps the timings for the report."""
 
-    def __init__(self, progress: bool) -> None:
+    def __init__(self, progress: bool, total: int) -> None:
         self.timings: dict[str, float] = {}
-        self.bar = tqdm(total=len(STAGES), desc="compile", unit="stage", disable=not progress)
+        self.bar = tqdm(total=total, desc="compile", unit="stage", disable=not progress)
 
     @contextmanager
     def __call__(self, name: str, detail: str = "") -> Iterator[None]:
@@ -160,7 +160,9 @@ def compile_model(options: CompileOptions, loaded=None) -> dict:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    stages = _Stages(options.progress)
+    skipped = {"trace_and_dependency"} if _iterative(options) else set()
+    skipped |= set() if options.bench else {"bench"}
+    stages = _Stages(options.progress, len(STAGES) - len(skipped))
     try:
         with stages("load"):
             corpus = load_corpus(options.data or None)  # bad files fail before the model is read
@@ -206,13 +208,14 @@ def _load_data(options: CompileOptions, corpus, tokenizer) -> _Data:
 
 def _run(options: CompileOptions, loaded, data: _Data, stages: _Stages, tmp: Path) -> dict:
     from loraprune.models.save import save_pretrained
+    from loraprune.passes.dependency import analyze
 
     config = options.select_config()
     dense = dense_model(loaded.model)
-    with stages("trace_and_dependency"):
-        from loraprune.passes.dependency import analyze
-
-        analysis = analyze(dense, (data.example,))
+    analysis = None  # LoRAPrune's schedule analyses the PEFT-wrapped model itself: no second trace
+    if not _iterative(options):
+        with stages("trace_and_dependency"):
+            analysis = analyze(dense, (data.example,))
     with stages("prune", options.criterion):
         result, finetune = _prune(options, loaded.model, dense, analysis, data, config)
     with stages("save"):
@@ -232,7 +235,7 @@ def _run(options: CompileOptions, loaded, data: _Data, stages: _Stages, tmp: Pat
         with stages("bench", f"grid {options.bench_grid}"):
             bench = _bench(options, dense, compact, onnx_paths, tmp)
     with stages("report"):
-        report = _report(options, loaded, data, analysis, result, finetune, quality, bench, stages.timings)
+        report = _report(options, loaded, data, result, finetune, quality, bench, stages.timings)
         _write_json(tmp / "report.json", report)
         _plots(report, tmp)
         (tmp / "report.md").write_text(render_markdown(report))
@@ -248,7 +251,7 @@ def _prune(options: CompileOptions, model: nn.Module, dense: nn.Module, analysis
 
     lora = {"lr": options.lr, "r": options.lora_r, "alpha": options.lora_alpha, "seed": options.seed,
             "batch_size": options.batch_size, "progress": options.progress}
-    if options.criterion == "lora" and options.steps > 0:
+    if _iterative(options):
         # an input adapter is kept unmerged here: its factors seed the LoRA that scores and recovers
         result = lora_prune(model, (data.example,), data.train, ratio=options.ratio, config=config,
                             steps=options.steps, update_every=max(1, options.steps // 10),
@@ -256,7 +259,7 @@ def _prune(options: CompileOptions, model: nn.Module, dense: nn.Module, analysis
         history = result.report["history"]
         finetune = {"kind": "lora_prune", "steps": options.steps,
                     "points": [{"step": h["step"], "loss": h["loss"], "ratio": h["ratio"]} for h in history]}
-        result.report["frozen"] = [_frozen(f) for f in analysis.frozen]
+        result.report["frozen"] = [_frozen(f) for f in result.analysis.frozen]
         result.report["groups_pruned"] = _groups_pruned(result)
         return result, finetune
     result = prune(dense, (data.example,), ratio=options.ratio, criterion=options.criterion, config=config,
@@ -283,8 +286,14 @@ def _split_adapter(result, adapter_dir: Path) -> nn.Module:
     return peft_model.unload()
 
 
+def _iterative(options: CompileOptions) -> bool:
+    return options.criterion == "lora" and options.steps > 0
+
+
 def _frozen(f) -> dict:
-    return {"node": f.node, "op": f.op, "reason": f.reason, "params": list(f.params)}
+    from loraprune.passes.lora_importance import plain_name
+
+    return {"node": f.node, "op": f.op, "reason": f.reason, "params": [plain_name(p) for p in f.params]}
 
 
 def _groups_pruned(result) -> dict[str, int]:
@@ -359,7 +368,7 @@ def _bench(options: CompileOptions, dense: nn.Module, compact: nn.Module, onnx_p
 
 # ----------------------------------------------------------------------------------------------- report
 
-def _report(options: CompileOptions, loaded, data: _Data, analysis, result, finetune: dict, quality: dict,
+def _report(options: CompileOptions, loaded, data: _Data, result, finetune: dict, quality: dict,
             bench: dict | None, timings: dict) -> dict:
     r = result.report
     return {
@@ -369,7 +378,7 @@ def _report(options: CompileOptions, loaded, data: _Data, analysis, result, fine
         "params_before": r["params_before"], "params_after": r["params_after"],
         "params_removed_fraction": 1 - r["params_after"] / r["params_before"],
         "macs_before": r["macs_before"], "macs_after": r["macs_after"], "macs_input": list(data.example.shape),
-        "groups": analysis.by_kind(), "groups_pruned": r.get("groups_pruned", {}), "frozen": r.get("frozen", []),
+        "groups": result.analysis.by_kind(), "groups_pruned": r.get("groups_pruned", {}), "frozen": r.get("frozen", []),
         "verify": r["verify"], **quality, "finetune": finetune,
         "bench": None if bench is None else {"meta": bench["meta"], "models": bench["models"],
                                              "rows": bench["rows"], "ort_vs_torch": bench["ort_vs_torch"]},
