@@ -379,7 +379,8 @@ def _add_folder_commands(sub) -> None:
                                    "prefill_fp16.onnx and decode_fp16.onnx, for GPUs).")
     p.add_argument("dir", help="a folder written by `loraprune compile`")
     p.add_argument("--fp16", action="store_true", help="float16 graphs")
-    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--opset", type=int, default=23,
+                   help="ONNX opset; 23 and up fuse attention into the standard Attention op, 18-22 keep it unfused")
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("bench", help="benchmark a compiled folder against its dense model", formatter_class=fmt,

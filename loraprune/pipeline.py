@@ -322,6 +322,7 @@ def _evaluate(options: CompileOptions, dense: nn.Module, compact: nn.Module, onn
     generations of dense and compact, and whether ORT's KV-cache loop writes the same tokens as torch."""
     from loraprune.evaluate import DEFAULT_PROMPTS, perplexity, sample_generations
     from loraprune.passes.verify import compare_logits, logits
+    from loraprune.runtime.attention import attention_summary
     from loraprune.runtime.generate import ort_generate
     from loraprune.runtime.session import make_session
 
@@ -348,7 +349,8 @@ def _evaluate(options: CompileOptions, dense: nn.Module, compact: nn.Module, onn
     protocol = {"window": before.window_len, "windows": before.windows, "tokens": before.tokens,
                 "text": f"held-out split of {data.source}"}
     return {"ppl_before": before.ppl, "ppl_after": after.ppl, "ppl_after_onnx": after_onnx.ppl,
-            "eval": protocol, "onnx_parity": parity, "generations": generations}
+            "eval": protocol, "onnx_parity": parity, "generations": generations,
+            "onnx_attention": {name: attention_summary(path) for name, path in onnx_paths.items()}}
 
 
 def _bench(options: CompileOptions, dense: nn.Module, compact: nn.Module, onnx_paths: dict, tmp: Path) -> dict:
@@ -421,6 +423,10 @@ def render_markdown(report: dict) -> str:
               f"(max relative logit difference {v['relative_diff']:.1e}{'' if v['exact'] else ', approximate'})",
               f"- ONNX prefill parity with torch: {'ok' if p['ok'] else 'FAILED'} "
               f"(max relative logit difference {p['relative_diff']:.1e})"]
+    for graph, att in report.get("onnx_attention", {}).items():
+        reasons = "".join(f"\n  - {layer}: {why}" for layer, why in att["unfused"].items())
+        lines.append(f"- ONNX {graph} graph: {att['fused']}/{att['layers']} attention layers fused into one "
+                     f"Attention node each{reasons}")
     gens = report.get("generations") or []
     if gens:
         matches = sum(g["onnx_matches_torch"] for g in gens)

@@ -54,6 +54,8 @@ def test_compile_writes_a_consistent_report_and_loadable_outputs(compiled, tiny_
     assert all(math.isfinite(report[k]) for k in ("ppl_before", "ppl_after", "ppl_after_onnx"))
     assert report["verify"]["ok"] and report["onnx_parity"]["ok"]
     assert report["ppl_after_onnx"] == pytest.approx(report["ppl_after"], rel=1e-3)
+    for graph in ("prefill", "decode"):  # every pruned layer still runs fused, with its own head counts
+        assert report["onnx_attention"][graph] == {"layers": 2, "fused": 2, "unfused": {}}
     assert report["groups_pruned"] == {"attention": 2, "mlp": 2} and report["frozen"] == []
     assert report["finetune"]["kind"] == "lora_prune" and report["finetune"]["points"][-1]["ratio"] == 0.5
     assert all(g["onnx_matches_torch"] for g in report["generations"])

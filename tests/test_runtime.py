@@ -9,9 +9,10 @@ import torch
 from torch import nn
 from zoo import tiny_gpt2, tiny_llama, tiny_mistral, tiny_qwen2, token_ids
 
+from loraprune.runtime import attention
+from loraprune.runtime.attention import FUSED, read_attention_plan
 from loraprune.runtime.export import export_decode, export_prefill, probe_kv_shapes
 from loraprune.runtime.generate import ort_generate
-from loraprune.runtime.ort_optimize import optimize_for_ort
 from loraprune.runtime.session import make_session, run_with_iobinding
 
 HEAD_DIM = 16  # tiny zoo models: hidden 64 / 4 heads
@@ -185,37 +186,41 @@ def test_iobinding_run_matches_plain_run(prefill_graphs):
     np.testing.assert_array_equal(bound.numpy(), sess.run(None, feeds)[0])
 
 
-def test_ort_optimizer_keeps_parity_or_falls_back(tmp_path, decode_graphs, monkeypatch):
-    path = decode_graphs["nonuniform"][1]
-    res = optimize_for_ort(path, tmp_path / "opt.onnx")
-    if res.optimized:
-        assert res.path == tmp_path / "opt.onnx" and res.max_abs_diff < 1e-4 and res.fused_ops
-    else:
-        assert res.path == path and res.reason
+def _attention_nodes(path) -> int:
+    return sum(n.op_type == "Attention" for n in onnx.load(str(path), load_external_data=False).graph.node)
 
-    import onnxruntime.transformers.optimizer as ort_opt
 
-    real = ort_opt.optimize_model
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_attention_layer_is_one_fused_node(decode_graphs, name):
+    """Opset 23: each layer's SDPA becomes one Attention node with that layer's own head counts (the
+    non-uniform model's layers have 2 q/2 kv and 4 q/1 kv heads; parity is checked by the tests above)."""
+    model, path = decode_graphs[name]
+    plan = read_attention_plan(path)
+    assert len(plan) == model.config.num_hidden_layers and set(plan.values()) == {FUSED}
+    assert _attention_nodes(path) == len(plan)
 
-    def corrupting(*args, **kwargs):  # fuses, then breaks the weights: parity must catch it
-        opt = real(*args, **kwargs)
-        init = max(opt.model.graph.initializer, key=lambda t: t.dims[0] if t.dims else 0)
-        arr = onnx.numpy_helper.to_array(init) * 1.5
-        init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
-        return opt
 
-    monkeypatch.setattr(ort_opt, "optimize_model", corrupting)
-    bad = optimize_for_ort(path, tmp_path / "bad.onnx")
-    assert not bad.optimized and bad.path == path and "parity" in bad.reason
-    assert not (tmp_path / "bad.onnx").exists()
-    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no staging folder left
-
-    def raising(*args, **kwargs):
-        raise IndexError("list index out of range")
-
-    monkeypatch.setattr(ort_opt, "optimize_model", raising)
-    failed = optimize_for_ort(path, tmp_path / "bad.onnx")
-    assert not failed.optimized and failed.path == path and "IndexError" in failed.reason
+def test_unfusable_layer_falls_back_to_unfused_graph(tmp_path, monkeypatch):
+    """A layer a rule refuses runs the model's eager attention (MatMul/Softmax) in the graph; the other layer
+    stays fused, the numbers stay equal to PyTorch, and the caller's model keeps its SDPA setting."""
+    model = nonuniform_llama()
+    refused = "model.layers.1.self_attn"
+    monkeypatch.setattr(attention, "UNFUSABLE", [
+        *attention.UNFUSABLE, lambda call: "refused by the test" if call.layer.endswith(refused) else None])
+    mixed = export_prefill(model, tmp_path / "mixed.onnx")
+    unfused = export_prefill(model, tmp_path / "unfused.onnx", opset=18)
+    assert model.config._attn_implementation == "sdpa"
+    plan = read_attention_plan(mixed)
+    assert [v for k, v in sorted(plan.items())] == [FUSED, "refused by the test"]
+    assert _attention_nodes(mixed) == 1
+    assert _attention_nodes(unfused) == 0 and all("opset 18" in v for v in read_attention_plan(unfused).values())
+    ids, mask = token_ids(3, 7, seed=7), torch.ones(3, 7, dtype=torch.long)
+    mask[0, :3] = 0  # left padding: fully masked rows must not leak into the real tokens
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits.numpy()
+    for path in (mixed, unfused):
+        (got,) = make_session(path, threads=1).run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+        np.testing.assert_allclose(got[mask.bool().numpy()], ref[mask.bool().numpy()], atol=1e-4, rtol=1e-4)
 
 
 def test_bad_paths_give_clear_errors(tmp_path):

@@ -8,6 +8,10 @@ Both graphs are exported with ``torch.onnx.export(..., dynamo=True)`` and dynami
 / past axes. The example inputs avoid sizes 0 and 1 (torch.export specialises a dim sampled at 0/1
 to a constant), yet the graphs run at batch 1, one new token and past length 0: the tests check it.
 
+Attention: at opset 23 (the default) each layer's attention is one fused ONNX ``Attention`` node with that
+layer's own head counts, or, where the fused op cannot express a layer, that layer's unfused eager graph;
+``runtime/attention.py`` decides per layer and stores the decisions in the file's metadata.
+
 The decode graph takes ``past_key_i``/``past_value_i`` for every layer and returns
 ``present_key_i``/``present_value_i``; with past length 0 it is also the first (prompt) step, so a
 generation loop needs only this one graph. The prefill graph (logits only, optionally presents too)
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import os
 import shutil
 import tempfile
@@ -31,10 +36,17 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from loraprune.runtime.attention import METADATA_KEY, routed_attention
+
 __all__ = [
     "KVShape", "probe_kv_shapes", "kv_input_names", "kv_output_names", "export_prefill", "export_decode",
-    "staged_output",
+    "staged_output", "DEFAULT_OPSET",
 ]
+
+# Opset 23 brings the standard Attention, RotaryEmbedding and RMSNormalization ops: the exporter turns every
+# scaled_dot_product_attention call into one fused Attention node whose head counts come from that layer's
+# own tensor shapes, so a non-uniformly pruned model needs no global head count anywhere.
+DEFAULT_OPSET = 23
 
 # Example sizes for tracing: >= 2 so no dim is specialised, pairwise distinct so no two dims are unified.
 _EX_BATCH, _EX_SEQ, _EX_PAST = 2, 3, 5
@@ -168,15 +180,18 @@ def staged_output(path: str | os.PathLike) -> Iterator[Path]:
 
 def _export(wrapper: nn.Module, args: tuple, dynamic_shapes: tuple, input_names: list[str],
             output_names: list[str], path: str | os.PathLike, opset: int, external_data: bool | None) -> Path:
-    """torch.onnx.export, save (external data: forced, refused, or None = only past 2 GB), check, move."""
+    """torch.onnx.export with attention routed per layer, save (external data: forced, refused, or None =
+    only past 2 GB) with the routing decisions as metadata, check, move."""
     path = Path(path)
-    with staged_output(path) as staged:
+    with staged_output(path) as staged, routed_attention(wrapper.model, opset) as decisions:
         with torch.no_grad():
             program = torch.onnx.export(
                 wrapper, args, dynamo=True, opset_version=opset, dynamic_shapes=dynamic_shapes,
                 input_names=input_names, output_names=output_names, artifacts_dir=staged.parent,
                 verbose=False,
             )
+        if decisions:
+            program.model.metadata_props[METADATA_KEY] = json.dumps(decisions, sort_keys=True)
         program.save(staged, external_data=external_data)
         onnx.checker.check_model(str(staged))
     return path
@@ -195,7 +210,7 @@ def _example_ids(model: nn.Module, batch: int, seq: int) -> tuple[torch.Tensor, 
     return ids, torch.ones((batch, seq), dtype=torch.long, device=device)
 
 
-def export_prefill(model: nn.Module, path: str | os.PathLike, *, opset: int = 18, fp16: bool = False,
+def export_prefill(model: nn.Module, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET, fp16: bool = False,
                    with_cache: bool = False, external_data: bool | None = None) -> Path:
     """Export ``input_ids, attention_mask [batch, seq] -> logits [batch, seq, vocab]`` to ``path``.
 
@@ -214,7 +229,7 @@ def export_prefill(model: nn.Module, path: str | os.PathLike, *, opset: int = 18
                        ["input_ids", "attention_mask"], outputs, path, opset, external_data)
 
 
-def export_decode(model: nn.Module, path: str | os.PathLike, *, opset: int = 18, fp16: bool = False,
+def export_decode(model: nn.Module, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET, fp16: bool = False,
                   external_data: bool | None = None) -> Path:
     """Export the KV-cache step ``(input_ids, attention_mask, past_*) -> (logits, present_*)`` to ``path``.
 
