@@ -145,7 +145,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         eval_window=args.eval_window, eval_windows=args.eval_windows, gen_tokens=args.gen_tokens,
         bench=not args.no_bench, bench_grid=tuple(args.bench_grid), decode_tokens=args.decode_tokens,
         bench_runs=args.bench_runs, threads=args.threads, seed=args.seed, force=args.force,
-        trust_remote_code=args.trust_remote_code, progress=not args.quiet, keep_adapter=args.keep_adapter)
+        trust_remote_code=args.trust_remote_code, progress=not args.quiet, keep_adapter=args.keep_adapter,
+        checkpointing=args.checkpointing)
     r = compile_model(options)
     print(f"{r['model']}: params {r['params_before']:,} -> {r['params_after']:,} "
           f"(-{r['params_removed_fraction']:.1%}), MACs x{r['macs_after'] / r['macs_before']:.3f}, "
@@ -355,6 +356,9 @@ def _add_compile(sub) -> None:
     g.add_argument("--lr", type=float, default=Defaults.lr)
     g.add_argument("--lora-r", type=int, default=Defaults.lora_r)
     g.add_argument("--lora-alpha", type=int, default=Defaults.lora_alpha)
+    g.add_argument("--checkpointing", action="store_true",
+                   help="activation checkpointing in every backward pass (scoring, fine-tuning): recompute each "
+                        "decoder layer instead of keeping its activations; less memory, about one more forward")
     g.add_argument("--keep-adapter", action="store_true",
                    help="lora: keep the pruned adapter apart (OUT/adapter) instead of merging it into OUT/model")
     g = p.add_argument_group("evaluation and benchmark")

@@ -68,6 +68,7 @@ class CompileOptions:
     lr: float = 3e-4
     lora_r: int = 8
     lora_alpha: int = 16
+    checkpointing: bool = False  # recompute each decoder layer in backward passes: less memory, ~1 more forward
     eval_window: int = 256
     eval_windows: int = 64
     gen_tokens: int = 24
@@ -250,7 +251,7 @@ def _prune(options: CompileOptions, model: nn.Module, dense: nn.Module, analysis
     from loraprune.passes.lora_importance import lora_prune, lora_recover
 
     lora = {"lr": options.lr, "r": options.lora_r, "alpha": options.lora_alpha, "seed": options.seed,
-            "batch_size": options.batch_size, "progress": options.progress}
+            "batch_size": options.batch_size, "progress": options.progress, "checkpointing": options.checkpointing}
     if _iterative(options):
         # an input adapter is kept unmerged here: its factors seed the LoRA that scores and recovers
         result = lora_prune(model, (data.example,), data.train, ratio=options.ratio, config=config,
@@ -263,7 +264,7 @@ def _prune(options: CompileOptions, model: nn.Module, dense: nn.Module, analysis
         result.report["groups_pruned"] = _groups_pruned(result)
         return result, finetune
     result = prune(dense, (data.example,), ratio=options.ratio, criterion=options.criterion, config=config,
-                   analysis=analysis, seed=options.seed, batches=data.calib)
+                   analysis=analysis, seed=options.seed, batches=data.calib, checkpointing=options.checkpointing)
     finetune = {"kind": "none", "steps": 0, "points": []}
     if options.steps > 0:
         recovered, losses = lora_recover(result.model, data.train, steps=options.steps, **lora)

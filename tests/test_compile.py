@@ -119,7 +119,7 @@ def test_same_seed_gives_identical_plan_and_figures(tiny_folder, tmp_path):
 def test_one_shot_criteria_with_recovery(tiny_folder, tmp_path, criterion):
     out = tmp_path / criterion
     assert main(["compile", str(tiny_folder), "--criterion", criterion, "--out", str(out), "--no-bench",
-                 *FAST]) == 0
+                 "--checkpointing", *FAST]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["finetune"]["kind"] == "lora_recover" and len(report["finetune"]["points"]) == 4
     assert report["params_after"] < report["params_before"] and report["verify"]["ok"]

@@ -9,6 +9,7 @@ from peft import PeftModel
 from zoo import tiny_gpt2, tiny_llama, token_ids
 
 from loraprune import SelectConfig, analyze, prune
+from loraprune.passes.checkpointing import activation_checkpointing
 from loraprune.passes.importance import CRITERIA
 from loraprune.passes.lora_importance import (
     GradientStats,
@@ -91,6 +92,24 @@ def test_group_scores_agree_with_full_gradient_taylor_and_cost_less_gradient_mem
     assert lora_stats.grad_bytes < 0.5 * taylor_stats.grad_bytes, (lora_stats, taylor_stats)  # observed 0.21
 
 
+@pytest.mark.parametrize("criterion", ["lora", "taylor"])
+def test_checkpointed_scoring_gives_the_same_scores(criterion):
+    """Recomputing each layer in the backward pass changes the memory, not the numbers; the model is left
+    as it was (no wrapped forward, KV cache setting restored)."""
+    torch.manual_seed(0)
+    peft_model = random_b(add_lora(tiny_llama(layers=3), r=8, alpha=16, dropout=0.0))
+    groups = analyze(peft_model, token_ids()).groups
+    batches = [token_ids(2, 16, seed=s) for s in range(2)]
+    plain = CRITERIA[criterion](peft_model, groups, batches=batches)
+    with activation_checkpointing(peft_model) as wrapped:
+        assert wrapped == 3 and peft_model.config.use_cache is False
+    checkpointed = CRITERIA[criterion](peft_model, groups, batches=batches, checkpointing=True)
+    assert peft_model.config.use_cache is True
+    assert not any("forward" in vars(m) for m in peft_model.modules())
+    for g in groups:
+        np.testing.assert_allclose(checkpointed.units[g.name], plain.units[g.name], rtol=1e-5, atol=1e-12)
+
+
 def test_lora_criterion_on_a_plain_model_leaves_it_plain():
     model = tiny_llama()
     x = token_ids()
@@ -125,10 +144,11 @@ def test_iterative_schedule_rewrite_and_merge(attention):
     result = lora_prune(model, token_ids(), batches, count_macs=False, **args)
     assert isinstance(result.model, type(model)) and not lora_layers(result.model)
 
-    # the same run by hand: deterministic, and the masked PEFT model before the rewrite is at hand
+    # the same run by hand: deterministic, and the masked PEFT model before the rewrite is at hand; in one
+    # case with activation checkpointing, which must change the memory only, not the result
     peft_model = add_lora(copy.deepcopy(model), seed=0)
     analysis = analyze(peft_model, token_ids())
-    kept, history = iterative_prune(peft_model, analysis, batches, **args)
+    kept, history = iterative_prune(peft_model, analysis, batches, checkpointing=attention == "kv_groups", **args)
     assert {plain_name(k): v.tolist() for k, v in kept.items()} == {k: v.tolist() for k, v in
                                                                      result.kept_units.items()}
 
@@ -181,6 +201,7 @@ import json, sys
 import torch
 from zoo import tiny_llama, token_ids
 from loraprune import analyze
+from loraprune.passes.checkpointing import activation_checkpointing
 from loraprune.passes.importance import CRITERIA
 from loraprune.runtime.bench import stage_memory_mb
 

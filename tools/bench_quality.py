@@ -12,7 +12,8 @@ criteria prune one-shot and then fine-tune the compact model with `lora_recover`
 gradient criteria (lora, taylor) score on the first `--calib` training batches. Scoring memory and time: each
 criterion alone in a fresh process (`--scoring-runs` alternating rounds), peak RSS above the RSS before
 scoring (VmHWM reset before it, after a one-batch warm-up call), wall time, and the bytes of parameter
-gradients held.
+gradients held; each criterion also with activation checkpointing (`+checkpointed`: every decoder layer
+recomputed in the backward pass, so the activations no longer hide the gradient memory).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ sys.path.insert(0, str(HERE))
 
 CRITERIA = ("lora", "taylor", "magnitude", "random")
 PARTS = ("quality", "scoring", "tp")
+CHECKPOINTED = "checkpointed"  # scoring variant: every decoder layer recomputed in the backward pass
+SCORING = ("lora", "taylor", f"lora+{CHECKPOINTED}", f"taylor+{CHECKPOINTED}")
 
 
 def _setup(args):
@@ -61,12 +64,14 @@ def scoring_worker(args) -> dict:
 
     loaded, _, batches, _, example = _setup(args)
     analysis = analyze(loaded.model, (example,))
-    score = TABLE[args.scoring_worker]
-    score(loaded.model, analysis.groups, batches=batches[:1])
+    criterion, _, variant = args.scoring_worker.partition("+")
+    score = TABLE[criterion]
+    checkpointing = variant == CHECKPOINTED
+    score(loaded.model, analysis.groups, batches=batches[:1], checkpointing=checkpointing)
     stats = GradientStats()
     start = time.perf_counter()
     peak_mb = stage_memory_mb(lambda: score(loaded.model, analysis.groups, batches=batches[: args.calib],
-                                            stats=stats))
+                                            stats=stats, checkpointing=checkpointing))
     seconds = time.perf_counter() - start
     return {"criterion": args.scoring_worker, "seconds": seconds, "peak_rss_bytes": (peak_mb or 0.0) * 2**20,
             "grad_bytes": stats.grad_bytes, "params_with_grad": stats.params_with_grad}
@@ -153,7 +158,7 @@ def quality(args, out: Path) -> dict:
 
 
 def scoring(args) -> dict:
-    runs: dict[str, list[dict]] = {"lora": [], "taylor": []}
+    runs: dict[str, list[dict]] = {name: [] for name in SCORING}
     for _ in range(args.scoring_runs):
         for criterion in runs:
             runs[criterion].append(_worker("--scoring-worker", criterion, args, 900))
@@ -168,11 +173,13 @@ def scoring(args) -> dict:
                 "grad_mb": ok[0]["grad_bytes"] / 2**20, "params_with_grad": ok[0]["params_with_grad"]}
         else:
             summary[criterion] = {"status": results[0].get("status", "failed")}
-    if all("seconds_median" in s for s in summary.values()):
-        summary["lora_over_taylor"] = {
-            "peak_rss": summary["lora"]["peak_rss_mb_median"] / summary["taylor"]["peak_rss_mb_median"],
-            "seconds": summary["lora"]["seconds_median"] / summary["taylor"]["seconds_median"],
-            "grad_bytes": summary["lora"]["grad_mb"] / summary["taylor"]["grad_mb"]}
+    for suffix in ("", f"+{CHECKPOINTED}"):
+        lora, taylor = summary[f"lora{suffix}"], summary[f"taylor{suffix}"]
+        if "seconds_median" in lora and "seconds_median" in taylor:
+            summary[f"lora_over_taylor{suffix}"] = {
+                "peak_rss": lora["peak_rss_mb_median"] / taylor["peak_rss_mb_median"],
+                "seconds": lora["seconds_median"] / taylor["seconds_median"],
+                "grad_bytes": lora["grad_mb"] / taylor["grad_mb"]}
     return {"runs": runs, "summary": summary}
 
 
@@ -195,17 +202,18 @@ def _markdown(results: dict, args) -> str:
                   f"{args.scoring_runs} alternating rounds, median (min-max):", "",
                   "| criterion | seconds | peak RSS above baseline MiB | parameter-gradient MiB |",
                   "|---|---:|---:|---:|"]
-        for name in ("lora", "taylor"):
+        for name in SCORING:
             c = s["summary"][name]
             if "status" in c:
                 lines.append(f"| {name} | {c['status']} | | |")
             else:
                 lines.append(f"| {name} | {c['seconds_median']:.1f} ({c['seconds_min']:.1f}-{c['seconds_max']:.1f})"
                              f" | {c['peak_rss_mb_median']:.0f} | {c['grad_mb']:.1f} |")
-        if "lora_over_taylor" in s["summary"]:
-            ratio = s["summary"]["lora_over_taylor"]
-            lines.append(f"\nlora / taylor: peak RSS {ratio['peak_rss']:.2f}, time {ratio['seconds']:.2f}, "
-                         f"gradient bytes {ratio['grad_bytes']:.3f}")
+        for suffix in ("", f"+{CHECKPOINTED}"):
+            ratio = s["summary"].get(f"lora_over_taylor{suffix}")
+            if ratio:
+                lines.append(f"\nlora{suffix} / taylor{suffix}: peak RSS {ratio['peak_rss']:.2f}, time "
+                             f"{ratio['seconds']:.2f}, gradient bytes {ratio['grad_bytes']:.3f}")
     tp_rows = results.get("torch_pruning")
     if tp_rows:
         lines += ["", "Torch-Pruning 1.6.1 TaylorImportance (MetaPruner, its LLM example's settings):", ""]

@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from loraprune.ir.groups import ChannelGroup
+from loraprune.passes.checkpointing import activation_checkpointing
 from loraprune.passes.importance import GroupScores, group_scores, index_scores, register_criterion
 from loraprune.passes.select import SelectConfig, select_units
 from loraprune.passes.verify import compare_logits, logits
@@ -250,13 +251,14 @@ def _plain_backward(model: nn.Module, batch) -> None:
 @register_criterion("lora")
 def lora_criterion(model: nn.Module, groups: list[ChannelGroup], *, batches=None, seed: int = 0, lam: float = 0.9,
                    batch_size: int = 4, stats: GradientStats | None = None, r: int = 8, alpha: int = 16,
-                   backward=None, **_: object) -> GroupScores:
+                   backward=None, checkpointing: bool = False, **_: object) -> GroupScores:
     """LoRA-guided importance from the factor gradients of `batches` (no optimiser step, eval mode).
 
     On a model without LoRA layers, adapters are added for the scoring (B = 0 at init, so G = s·dB·A) and
     removed again; groups may be analysed on the PEFT model or the plain model. Base weights get no `.grad`.
     `backward(model, batch)` leaves the factor gradients of one step in `.grad` (default: the batch's
-    causal-LM loss; `loraprune.distributed` passes a data-parallel one).
+    causal-LM loss; `loraprune.distributed` passes a data-parallel one). `checkpointing` recomputes each
+    decoder layer in the backward pass instead of keeping its activations (less memory, one more forward).
     """
     if batches is None:
         raise ValueError("criterion 'lora' needs calibration batches: pass batches=[token ids [b, seq], ...]")
@@ -265,7 +267,8 @@ def lora_criterion(model: nn.Module, groups: list[ChannelGroup], *, batches=None
     flags = {id(p): p.requires_grad for p in model.parameters()}  # add_lora freezes the base weights
     work = add_lora(model, r=r, alpha=alpha, seed=seed, dropout=0.0) if added else model
     try:
-        return _score(work, groups, batches, lam, stats, seed, backward or _plain_backward)
+        with activation_checkpointing(work, checkpointing):
+            return _score(work, groups, batches, lam, stats, seed, backward or _plain_backward)
     finally:
         if added:
             work.unload()
@@ -305,10 +308,12 @@ def _score(model, groups, batches, lam, stats, seed, backward) -> GroupScores:
 
 @register_criterion("taylor")
 def taylor_criterion(model: nn.Module, groups: list[ChannelGroup], *, batches=None, seed: int = 0,
-                     batch_size: int = 4, stats: GradientStats | None = None, **_: object) -> GroupScores:
+                     batch_size: int = 4, stats: GradientStats | None = None, checkpointing: bool = False,
+                     **_: object) -> GroupScores:
     """First-order Taylor with full weight gradients (LLM-Pruner style): |W ⊙ dL/dW|, gradients summed over
     `batches`. Every group member parameter gets a gradient: the memory-hungry baseline. On a PEFT model the
-    base weights of LoRA layers are scored with their merged value and LoRA factors are skipped."""
+    base weights of LoRA layers are scored with their merged value and LoRA factors are skipped.
+    `checkpointing` as in `lora_criterion`."""
     if batches is None:
         raise ValueError("criterion 'taylor' needs calibration batches: pass batches=[token ids [b, seq], ...]")
     batches = _as_batches(batches, batch_size)
@@ -326,7 +331,7 @@ def taylor_criterion(model: nn.Module, groups: list[ChannelGroup], *, batches=No
         for p in targets.values():
             p.requires_grad_(True)
         model.eval()
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), activation_checkpointing(model, checkpointing):
             torch.manual_seed(seed)
             for batch in batches:
                 causal_lm_loss(model, batch).backward()  # gradients accumulate: the sum over batches
@@ -423,12 +428,14 @@ def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, after
 
 def lora_recover(model: nn.Module, batches, *, steps: int, lr: float = 1e-4, r: int = 8, alpha: int = 16,
                  target: Sequence[str] | None = None, dropout: float = 0.05, seed: int = 0, batch_size: int = 4,
-                 merge: bool = True, progress: bool = True) -> tuple[nn.Module, list[float]]:
+                 merge: bool = True, progress: bool = True,
+                 checkpointing: bool = False) -> tuple[nn.Module, list[float]]:
     """LoRA recovery fine-tuning of an (already pruned) model: the baselines' counterpart of the schedule.
 
     Same optimiser, loss, batches and step count as `iterative_prune`, so a one-shot criterion followed by this
     gets the same fine-tuning budget as LoRA-guided pruning. Works on a copy; returns (model, loss per step),
-    the model merged into plain weights unless `merge` is False (then a PeftModel).
+    the model merged into plain weights unless `merge` is False (then a PeftModel). `checkpointing`
+    recomputes each decoder layer in the backward pass instead of keeping its activations.
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
@@ -436,7 +443,7 @@ def lora_recover(model: nn.Module, batches, *, steps: int, lr: float = 1e-4, r: 
     batches = _as_batches(batches, batch_size)
     params = _lora_params(lora_layers(work))
     losses: list[float] = []
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), activation_checkpointing(work, checkpointing):
         torch.manual_seed(seed)
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         work.train()
@@ -453,15 +460,16 @@ def lora_recover(model: nn.Module, batches, *, steps: int, lr: float = 1e-4, r: 
 def iterative_prune(model: nn.Module, analysis, batches, *, ratio: float, config: SelectConfig | None = None,
                     steps: int, lr: float = 1e-4, update_every: int = 10, warmup: float = 0.1, cooldown: float = 0.1,
                     lam: float = 0.9, progress: bool = True, seed: int = 0, batch_size: int = 4,
-                    weight_decay: float = 0.0) -> tuple[dict[str, np.ndarray], list[dict]]:
+                    weight_decay: float = 0.0, checkpointing: bool = False) -> tuple[dict[str, np.ndarray], list[dict]]:
     """Fine-tune the LoRA factors of the PEFT `model` (in place) while its masks grow to `ratio`.
 
     AdamW on the LoRA factors only, causal-LM loss, one batch per step (cycling through `batches`). The
     target ratio follows `cubic_ratio`; every `update_every` steps (and when the schedule reaches `ratio`)
     units are reselected with `select_units` from the smoothed LoRA scores, removed units never return,
     and removed units are zeroed in the base weights and the LoRA factors (kept zero after every step).
-    The final kept counts are those `select_units` gives for `ratio`. Returns (kept units per group,
-    history): one record per update with step, ratio, mean loss since the last update and the kept units.
+    The final kept counts are those `select_units` gives for `ratio`; `checkpointing` as in `lora_recover`.
+    Returns (kept units per group, history): one record per update with step, ratio, mean loss since the
+    last update and the kept units.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -497,7 +505,7 @@ def iterative_prune(model: nn.Module, analysis, batches, *, ratio: float, config
         losses = []
 
     was_training = model.training
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), activation_checkpointing(model, checkpointing):
         torch.manual_seed(seed)
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         model.train()
@@ -549,7 +557,7 @@ def lora_prune(model: nn.Module, example_inputs, batches, *, ratio: float, confi
                steps: int, merge: bool = True, r: int = 8, alpha: int = 16, target: Sequence[str] | None = None,
                dropout: float = 0.05, lr: float = 1e-4, update_every: int = 10, warmup: float = 0.1,
                cooldown: float = 0.1, lam: float = 0.9, progress: bool = True, seed: int = 0, batch_size: int = 4,
-               inplace: bool = False, count_macs: bool = True):
+               inplace: bool = False, count_macs: bool = True, checkpointing: bool = False):
     """LoRAPrune end to end. Returns a `PruneResult`.
 
     add_lora (an existing PeftModel is used as is) -> analyze the PEFT model -> iterative_prune -> make_plan +
@@ -583,11 +591,12 @@ def lora_prune(model: nn.Module, example_inputs, batches, *, ratio: float, confi
     start = time.perf_counter()
     kept, history = iterative_prune(peft_model, analysis, batches, ratio=ratio, config=config, steps=steps, lr=lr,
                                     update_every=update_every, warmup=warmup, cooldown=cooldown, lam=lam,
-                                    progress=progress, seed=seed, batch_size=batch_size)
+                                    progress=progress, seed=seed, batch_size=batch_size,
+                                    checkpointing=checkpointing)
     timings["lora_finetune_and_prune"] = time.perf_counter() - start
     start = time.perf_counter()
     lora_meta = {"r": r, "alpha": alpha, "steps": steps, "lr": lr, "update_every": update_every,
-                 "warmup": warmup, "cooldown": cooldown, "lam": lam, "seed": seed}
+                 "warmup": warmup, "cooldown": cooldown, "lam": lam, "seed": seed, "checkpointing": checkpointing}
     plan = make_plan(analysis.groups, kept, analysis.param_shapes, analysis.program.aliases,
                      meta={"criterion": "lora", "select": config.to_dict(), "lora": lora_meta})
     reference = logits(peft_model, example_inputs)  # the masked model, which the compact one must equal
