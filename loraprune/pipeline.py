@@ -61,8 +61,8 @@ class CompileOptions:
     attention: str = "auto"
     prune_hidden: bool = False
     round_to: int = 1
-    steps: int = 20  # LoRA fine-tuning steps: LoRAPrune's schedule for "lora", recovery for the others
-    batch_size: int = 2
+    steps: int = 200  # LoRA fine-tuning steps: LoRAPrune's schedule for "lora", recovery for the others
+    batch_size: int = 4
     window: int = 128  # training window length in tokens
     calib_batches: int = 4  # one-shot gradient scoring (taylor; lora with steps=0)
     lr: float = 3e-4
@@ -255,7 +255,7 @@ def _prune(options: CompileOptions, model: nn.Module, dense: nn.Module, analysis
     if _iterative(options):
         # an input adapter is kept unmerged here: its factors seed the LoRA that scores and recovers
         result = lora_prune(model, (data.example,), data.train, ratio=options.ratio, config=config,
-                            steps=options.steps, update_every=max(1, options.steps // 10),
+                            steps=options.steps, update_every=max(1, options.steps // 40),
                             merge=not options.keep_adapter, **lora)
         history = result.report["history"]
         finetune = {"kind": "lora_prune", "steps": options.steps,
