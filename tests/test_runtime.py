@@ -223,6 +223,24 @@ def test_unfusable_layer_falls_back_to_unfused_graph(tmp_path, monkeypatch):
         np.testing.assert_allclose(got[mask.bool().numpy()], ref[mask.bool().numpy()], atol=1e-4, rtol=1e-4)
 
 
+def test_model_that_refuses_custom_attention_is_exported_unrouted(tmp_path, monkeypatch):
+    """No per-layer record then, but its SDPA calls still become fused nodes with the right numbers."""
+    model = tiny_llama()
+
+    def refuse(name):
+        raise ValueError(f"{name} is not supported")
+
+    monkeypatch.setattr(model, "set_attn_implementation", refuse)
+    path = export_prefill(model, tmp_path / "unrouted.onnx")
+    assert read_attention_plan(path) == {} and _attention_nodes(path) == 2
+    ids = token_ids(2, 6, seed=8)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.numpy()
+    feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones((2, 6), np.int64)}
+    (got,) = make_session(path, threads=1).run(None, feeds)
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+
+
 def test_bad_paths_give_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no ONNX model file"):
         make_session(tmp_path / "missing.onnx")
