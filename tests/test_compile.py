@@ -81,6 +81,9 @@ def test_commands_on_a_compiled_folder(compiled, capsys):
         assert main(["generate", str(compiled), "The import", "--max-new-tokens", "5", "--backend", backend]) == 0
         outputs[backend] = capsys.readouterr().out.strip()
     assert outputs["ort"] == outputs["torch"] and outputs["ort"].startswith("The import")
+    assert main(["generate", str(compiled), ""]) == 2  # an empty prompt: one line on stderr, no traceback
+    err = capsys.readouterr().err.strip()
+    assert "prompt is empty" in err and len(err.splitlines()) == 1
     assert main(["export", str(compiled), "--fp16"]) == 0
     assert (compiled / "onnx" / "decode_fp16.onnx").is_file()
     capsys.readouterr()
