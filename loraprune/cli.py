@@ -188,8 +188,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     folder, _ = _compiled(args.dir)
     model = _compact_model(folder)
     suffix = "_fp16" if args.fp16 else ""
-    paths = [export_prefill(model, folder / "onnx" / f"prefill{suffix}.onnx", opset=args.opset, fp16=args.fp16),
-             export_decode(model, folder / "onnx" / f"decode{suffix}.onnx", opset=args.opset, fp16=args.fp16)]
+    options = {"fp16": args.fp16} | ({} if args.opset is None else {"opset": args.opset})
+    paths = [export_prefill(model, folder / "onnx" / f"prefill{suffix}.onnx", **options),
+             export_decode(model, folder / "onnx" / f"decode{suffix}.onnx", **options)]
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
@@ -383,8 +384,9 @@ def _add_folder_commands(sub) -> None:
                                    "prefill_fp16.onnx and decode_fp16.onnx, for GPUs).")
     p.add_argument("dir", help="a folder written by `loraprune compile`")
     p.add_argument("--fp16", action="store_true", help="float16 graphs")
-    p.add_argument("--opset", type=int, default=23,
-                   help="ONNX opset; 23 and up fuse attention into the standard Attention op, 18-22 keep it unfused")
+    p.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset (default: the exporter's, 23); 23 and up fuse attention into the standard "
+                        "Attention op, 18-22 keep it unfused")
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("bench", help="benchmark a compiled folder against its dense model", formatter_class=fmt,

@@ -19,6 +19,7 @@ from zoo import save_with_tokenizer, tiny_llama, write_gguf_of_unknown_architect
 
 from loraprune.cli import main
 from loraprune.models.save import load_pretrained
+from loraprune.runtime.attention import FUSED, read_attention_plan
 
 FAST = ["--steps", "4", "--eval-window", "64", "--eval-windows", "4", "--gen-tokens", "4", "--bench-grid", "1x16",
         "--decode-tokens", "4", "--bench-runs", "2", "--threads", "1", "--quiet"]
@@ -92,6 +93,11 @@ def test_commands_on_a_compiled_folder(compiled, capsys):
     assert "speedup" in capsys.readouterr().out
     assert json.loads((compiled / "bench" / "bench.json").read_text())["meta"]["grid"] == [[1, 8]]
     assert not list(compiled.glob(".bench-*"))
+    assert read_attention_plan(compiled / "onnx" / "decode_fp16.onnx") == {  # fp16 graphs are fused too
+        f"model.layers.{i}.self_attn": FUSED for i in range(2)}
+    assert main(["export", str(compiled), "--opset", "18"]) == 0  # the unfused graphs, on request
+    assert set(read_attention_plan(compiled / "onnx" / "prefill.onnx").values()) == {
+        "opset 18 has no Attention op (needs 23)"}
 
 
 def test_every_command_has_complete_help(capsys):

@@ -223,6 +223,30 @@ def test_unfusable_layer_falls_back_to_unfused_graph(tmp_path, monkeypatch):
         np.testing.assert_allclose(got[mask.bool().numpy()], ref[mask.bool().numpy()], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("change, reason", [
+    ({}, None), ({"opset": 18}, "opset 18"), ({"dropout": 0.1}, "dropout"),
+    ({"kwargs": {"softcap": 30.0}}, "soft-capping"), ({"kwargs": {"s_aux": torch.zeros(4)}}, "sinks"),
+    ({"query_heads": 6, "kv_heads": 4}, "not a multiple"),
+])
+def test_each_unfusable_rule_names_its_reason(change, reason):
+    call = attention.AttentionCall(**{"layer": "l", "query_heads": 4, "kv_heads": 2, "dropout": 0.0,
+                                      "opset": 23, "kwargs": {}} | change)
+    found = [r for rule in attention.UNFUSABLE if (r := rule(call)) is not None]
+    assert found == [] if reason is None else len(found) == 1 and reason in found[0]
+
+
+def test_unfusable_layer_without_an_eager_fallback_is_a_clear_error(tmp_path, monkeypatch):
+    import transformers.models.llama.modeling_llama as llama
+
+    monkeypatch.setattr(llama, "eager_attention_forward", None)  # as if the model file had none
+    monkeypatch.setattr(attention, "UNFUSABLE", [lambda call: "refused by the test"])
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn: .*refused by the test.*no "
+                                         r"eager_attention_forward") as err:
+        export_prefill(tiny_llama(), tmp_path / "refused.onnx")
+    assert "\n" not in str(err.value)  # the exporter's pages of advice are not passed on
+    assert not (tmp_path / "refused.onnx").exists()
+
+
 def test_model_that_refuses_custom_attention_is_exported_unrouted(tmp_path, monkeypatch):
     """No per-layer record then, but its SDPA calls still become fused nodes with the right numbers."""
     model = tiny_llama()

@@ -29,13 +29,17 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-__all__ = ["AttentionCall", "UNFUSABLE", "FUSED", "METADATA_KEY", "routed_attention", "read_attention_plan",
-           "attention_summary"]
+__all__ = ["AttentionCall", "UnexpressibleAttention", "UNFUSABLE", "FUSED", "METADATA_KEY", "ATTENTION_OPSET",
+           "routed_attention", "read_attention_plan", "attention_summary"]
 
 FUSED = "fused"
 METADATA_KEY = "loraprune.attention"
 _IMPLEMENTATION = "loraprune_routed"
 ATTENTION_OPSET = 23  # the first opset with the standard Attention op
+
+
+class UnexpressibleAttention(ValueError):
+    """A layer the fused op cannot express and the model has no eager attention for."""
 
 
 @dataclass(frozen=True)
@@ -45,8 +49,6 @@ class AttentionCall:
     layer: str
     query_heads: int
     kv_heads: int
-    qk_dim: int
-    v_dim: int
     dropout: float
     opset: int
     kwargs: dict[str, Any]
@@ -95,15 +97,14 @@ def route(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torc
     """An attention implementation for transformers: SDPA where the fused op can express it, else eager."""
     routing = _ACTIVE[-1]
     call = AttentionCall(routing.names.get(id(module), type(module).__name__), int(query.shape[1]),
-                         int(key.shape[1]), int(query.shape[-1]), int(value.shape[-1]), float(dropout),
-                         routing.opset, kwargs)
+                         int(key.shape[1]), float(dropout), routing.opset, kwargs)
     reason = next((r for rule in UNFUSABLE if (r := rule(call)) is not None), None)
     routing.decisions[call.layer] = FUSED if reason is None else reason
     if reason is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
     eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     if eager is None:
-        raise ValueError(f"{call.layer}: the fused Attention op cannot express this layer ({reason}) and "
+        raise UnexpressibleAttention(f"{call.layer}: the fused Attention op cannot express this layer ({reason}) and "
                          f"{type(module).__module__} has no eager_attention_forward to fall back to")
     if attention_mask is not None and attention_mask.dtype == torch.bool:
         blocked = torch.finfo(query.dtype).min

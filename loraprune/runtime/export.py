@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from loraprune.runtime.attention import METADATA_KEY, routed_attention
+from loraprune.runtime.attention import ATTENTION_OPSET, METADATA_KEY, UnexpressibleAttention, routed_attention
 
 __all__ = [
     "KVShape", "probe_kv_shapes", "kv_input_names", "kv_output_names", "export_prefill", "export_decode",
@@ -46,7 +46,7 @@ __all__ = [
 # Opset 23 brings the standard Attention, RotaryEmbedding and RMSNormalization ops: the exporter turns every
 # scaled_dot_product_attention call into one fused Attention node whose head counts come from that layer's
 # own tensor shapes, so a non-uniformly pruned model needs no global head count anywhere.
-DEFAULT_OPSET = 23
+DEFAULT_OPSET = ATTENTION_OPSET
 
 # Example sizes for tracing: >= 2 so no dim is specialised, pairwise distinct so no two dims are unified.
 _EX_BATCH, _EX_SEQ, _EX_PAST = 2, 3, 5
@@ -185,16 +185,33 @@ def _export(wrapper: nn.Module, args: tuple, dynamic_shapes: tuple, input_names:
     path = Path(path)
     with staged_output(path) as staged, routed_attention(wrapper.model, opset) as decisions:
         with torch.no_grad():
-            program = torch.onnx.export(
-                wrapper, args, dynamo=True, opset_version=opset, dynamic_shapes=dynamic_shapes,
-                input_names=input_names, output_names=output_names, artifacts_dir=staged.parent,
-                verbose=False,
-            )
+            try:
+                program = torch.onnx.export(
+                    wrapper, args, dynamo=True, opset_version=opset, dynamic_shapes=dynamic_shapes,
+                    input_names=input_names, output_names=output_names, artifacts_dir=staged.parent,
+                    verbose=False,
+                )
+            except Exception as err:  # the exporter wraps errors raised while tracing into pages of text
+                cause = _cause_of_type(err, UnexpressibleAttention)
+                if cause is None:
+                    raise
+                raise cause from None
         if decisions:
             program.model.metadata_props[METADATA_KEY] = json.dumps(decisions, sort_keys=True)
         program.save(staged, external_data=external_data)
         onnx.checker.check_model(str(staged))
     return path
+
+
+def _cause_of_type(err: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of `kind` in the chain of causes and contexts of `err`."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, kind):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _dims() -> tuple[torch.export.Dim, torch.export.Dim, torch.export.Dim, torch.export.Dim]:
