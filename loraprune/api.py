@@ -39,7 +39,7 @@ def count_params(model: nn.Module) -> int:
 def prune(model: nn.Module, example_inputs: tuple | torch.Tensor, ratio: float | None = None,
           criterion: str = "magnitude", config: SelectConfig | None = None, scores: GroupScores | None = None,
           analysis: Analysis | None = None, seed: int = 0, batches=None,
-          checkpointing: bool = False) -> PruneResult:
+          checkpointing: bool = False, criterion_options: dict | None = None) -> PruneResult:
     """Prune `model` to a compact copy. The input model is never modified.
 
     `ratio` is the fraction of each prunable group's units removed (heads, MLP channels); `config` holds
@@ -47,7 +47,8 @@ def prune(model: nn.Module, example_inputs: tuple | torch.Tensor, ratio: float |
     `batches` (token ids [b, seq] or a list of them) feed the gradient criteria ("lora", "taylor"), which
     recompute each decoder layer in their backward pass with `checkpointing` (less memory). The
     scores are written onto the analysis's graph (`annotate_scores`); the compact model is verified against
-    the masked dense model on `example_inputs` (report["verify"]) and a failure raises.
+    the masked dense model on `example_inputs` (report["verify"]) and a failure raises. `criterion_options`
+    go to the criterion as keywords (e.g. {"init": "pissa"} for "lora").
     """
     if config is None:
         config = SelectConfig(ratio=0.2 if ratio is None else ratio)
@@ -64,7 +65,8 @@ def prune(model: nn.Module, example_inputs: tuple | torch.Tensor, ratio: float |
     timings["trace_and_dependency"] = time.perf_counter() - start
     start = time.perf_counter()
     if scores is None:
-        scores = CRITERIA[criterion](model, analysis.groups, seed=seed, batches=batches, checkpointing=checkpointing)
+        scores = CRITERIA[criterion](model, analysis.groups, seed=seed, batches=batches, checkpointing=checkpointing,
+                                     **(criterion_options or {}))
     annotate_scores(analysis.program, analysis.groups, scores, criterion)
     timings["importance"] = time.perf_counter() - start
     start = time.perf_counter()

@@ -140,10 +140,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     options = CompileOptions(
         model=args.model, out=args.out, adapter=args.adapter, data=list(args.data or []), ratio=args.ratio,
         criterion=args.criterion, scope=args.scope, attention=args.attention, prune_hidden=args.prune_hidden,
-        round_to=args.round_to, steps=args.steps, batch_size=args.batch_size, window=args.window,
-        calib_batches=args.calib_batches, lr=args.lr, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-        eval_window=args.eval_window, eval_windows=args.eval_windows, gen_tokens=args.gen_tokens,
-        bench=not args.no_bench, bench_grid=tuple(args.bench_grid), decode_tokens=args.decode_tokens,
+        round_to=args.round_to, steps=args.steps, cooldown=args.cooldown, batch_size=args.batch_size,
+        window=args.window, calib_batches=args.calib_batches, lr=args.lr, lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha, lora_init=args.lora_init, eval_window=args.eval_window,
+        eval_windows=args.eval_windows, gen_tokens=args.gen_tokens, bench=not args.no_bench,
+        bench_grid=tuple(args.bench_grid), decode_tokens=args.decode_tokens,
         bench_runs=args.bench_runs, threads=args.threads, seed=args.seed, force=args.force,
         trust_remote_code=args.trust_remote_code, progress=not args.quiet, keep_adapter=args.keep_adapter,
         checkpointing=args.checkpointing)
@@ -318,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_compile(sub) -> None:
     from loraprune.passes.importance import CRITERIA
+    from loraprune.passes.lora_importance import LORA_INITS
     from loraprune.pipeline import CompileOptions as Defaults
 
     p = sub.add_parser(
@@ -350,6 +352,8 @@ def _add_compile(sub) -> None:
     g.add_argument("--steps", type=int, default=Defaults.steps,
                    help="optimiser steps: pruning schedule for lora, recovery after one-shot pruning otherwise; "
                         "0 = one-shot, no fine-tuning")
+    g.add_argument("--cooldown", type=float, default=Defaults.cooldown,
+                   help="lora: share of the steps after the schedule reaches --ratio (recovery of the final shape)")
     g.add_argument("--batch-size", type=int, default=Defaults.batch_size, help="windows per step")
     g.add_argument("--window", type=int, default=Defaults.window, help="training window length (tokens)")
     g.add_argument("--calib-batches", type=int, default=Defaults.calib_batches,
@@ -357,6 +361,9 @@ def _add_compile(sub) -> None:
     g.add_argument("--lr", type=float, default=Defaults.lr)
     g.add_argument("--lora-r", type=int, default=Defaults.lora_r)
     g.add_argument("--lora-alpha", type=int, default=Defaults.lora_alpha)
+    g.add_argument("--lora-init", choices=sorted(LORA_INITS), default=Defaults.lora_init,
+                   help="how the LoRA factors start: pissa = the weights' top-r singular part (its gradients then "
+                        "see input and output channels from the first step); standard = random A, B = 0")
     g.add_argument("--checkpointing", action="store_true",
                    help="activation checkpointing in every backward pass (scoring, fine-tuning): recompute each "
                         "decoder layer instead of keeping its activations; less memory, about one more forward")

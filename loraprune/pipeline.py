@@ -38,6 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from loraprune.passes.importance import CRITERIA
+from loraprune.passes.lora_importance import LORA_INITS
 from loraprune.passes.select import SelectConfig
 
 __all__ = ["COMPILE_MARKER", "CompileOptions", "compile_model"]
@@ -62,12 +63,14 @@ class CompileOptions:
     prune_hidden: bool = False
     round_to: int = 1
     steps: int = 200  # LoRA fine-tuning steps: LoRAPrune's schedule for "lora", recovery for the others
+    cooldown: float = 0.5  # lora: share of the steps after the last cut, all spent recovering the final shape
     batch_size: int = 4
     window: int = 128  # training window length in tokens
     calib_batches: int = 4  # one-shot gradient scoring (taylor; lora with steps=0)
     lr: float = 3e-4
     lora_r: int = 8
     lora_alpha: int = 16
+    lora_init: str = "pissa"  # how the LoRA factors start (passes.lora_importance.LORA_INITS), every criterion
     checkpointing: bool = False  # recompute each decoder layer in backward passes: less memory, ~1 more forward
     eval_window: int = 256
     eval_windows: int = 64
@@ -88,6 +91,10 @@ class CompileOptions:
             raise ValueError(f"ratio must be in [0, 1), got {self.ratio!r}")
         if self.criterion not in CRITERIA:
             raise ValueError(f"unknown criterion {self.criterion!r}; known: {', '.join(sorted(CRITERIA))}")
+        if not 0.0 <= self.cooldown < 1.0:
+            raise ValueError(f"cooldown must be in [0, 1), got {self.cooldown!r}")
+        if self.lora_init not in LORA_INITS:
+            raise ValueError(f"unknown lora_init {self.lora_init!r}; known: {', '.join(LORA_INITS)}")
         for name in ("steps", "gen_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -250,12 +257,13 @@ def _prune(options: CompileOptions, model: nn.Module, dense: nn.Module, analysis
     from loraprune.api import prune
     from loraprune.passes.lora_importance import lora_prune, lora_recover
 
-    lora = {"lr": options.lr, "r": options.lora_r, "alpha": options.lora_alpha, "seed": options.seed,
-            "batch_size": options.batch_size, "progress": options.progress, "checkpointing": options.checkpointing}
+    lora = {"lr": options.lr, "r": options.lora_r, "alpha": options.lora_alpha, "init": options.lora_init,
+            "seed": options.seed, "batch_size": options.batch_size, "progress": options.progress,
+            "checkpointing": options.checkpointing}
     if _iterative(options):
         # an input adapter is kept unmerged here: its factors seed the LoRA that scores and recovers
         result = lora_prune(model, (data.example,), data.train, ratio=options.ratio, config=config,
-                            steps=options.steps, update_every=max(1, options.steps // 40),
+                            steps=options.steps, update_every=max(1, options.steps // 40), cooldown=options.cooldown,
                             merge=not options.keep_adapter, **lora)
         history = result.report["history"]
         finetune = {"kind": "lora_prune", "steps": options.steps,
@@ -264,7 +272,8 @@ def _prune(options: CompileOptions, model: nn.Module, dense: nn.Module, analysis
         result.report["groups_pruned"] = _groups_pruned(result)
         return result, finetune
     result = prune(dense, (data.example,), ratio=options.ratio, criterion=options.criterion, config=config,
-                   analysis=analysis, seed=options.seed, batches=data.calib, checkpointing=options.checkpointing)
+                   analysis=analysis, seed=options.seed, batches=data.calib, checkpointing=options.checkpointing,
+                   criterion_options={"init": options.lora_init})  # the criteria without LoRA ignore it
     finetune = {"kind": "none", "steps": 0, "points": []}
     if options.steps > 0:
         recovered, losses = lora_recover(result.model, data.train, steps=options.steps, **lora)
@@ -280,6 +289,8 @@ def _split_adapter(result, adapter_dir: Path) -> nn.Module:
     from loraprune.passes.lora_importance import plain_groups, plain_name, plain_plan
 
     peft_model = result.model
+    for config in peft_model.peft_config.values():  # saved beside the base it completes (a PiSSA residual
+        config.init_lora_weights = True             # too): loading must not initialise it again
     peft_model.save_pretrained(adapter_dir)
     result.model = copy.deepcopy(peft_model).merge_and_unload()
     result.plan, result.groups = plain_plan(result.plan), plain_groups(result.groups)

@@ -163,6 +163,7 @@ BAD = {
                          "notanarch"),
     "ratio 1": (lambda d: ["TINY", "--ratio", "1.0"], "ratio must be in [0, 1)"),
     "ratio negative": (lambda d: ["TINY", "--ratio", "-0.1"], "ratio must be in [0, 1)"),
+    "cooldown 1": (lambda d: ["TINY", "--cooldown", "1"], "cooldown must be in [0, 1)"),
     "foreign adapter": (lambda d: _foreign_adapter(d / "adapter") or ["TINY", "--adapter", str(d / "adapter")],
                         "made for another base model"),
     "empty data": (lambda d: (d / "e.txt").write_text("  \n") and ["TINY", "--data", str(d / "e.txt")],
@@ -241,23 +242,32 @@ def test_compile_smollm2_short_setting(tmp_path):
     assert report["ppl_before"] < 40  # the dense model is the real, working SmolLM2
 
 
-def test_compile_with_an_input_adapter_and_keep_adapter(tiny_folder, tmp_path, capsys):
+@pytest.mark.parametrize("input_adapter", [True, False], ids=["input-adapter", "pissa"])
+def test_compile_keep_adapter(tiny_folder, tmp_path, capsys, input_adapter):
+    """model/ + adapter/ reload to what was evaluated: with an input adapter (its factors seed the LoRA) and
+    with a fresh PiSSA one (model/ then holds the residual base the adapter completes)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from loraprune.models.load import load_model
 
-    base = load_model(str(tiny_folder)).model
-    torch.manual_seed(1)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
-    peft_model = get_peft_model(base, config)
-    peft_model.save_pretrained(tmp_path / "adapter_in")
     out = tmp_path / "out"
-    assert main(["compile", str(tiny_folder), "--adapter", str(tmp_path / "adapter_in"), "--ratio", "0.5",
-                 "--keep-adapter", "--out", str(out), "--no-bench", *FAST]) == 0
+    extra = []
+    if input_adapter:
+        base = load_model(str(tiny_folder)).model
+        torch.manual_seed(1)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+        get_peft_model(base, config).save_pretrained(tmp_path / "adapter_in")
+        extra = ["--adapter", str(tmp_path / "adapter_in")]
+    assert main(["compile", str(tiny_folder), *extra, "--ratio", "0.5", "--keep-adapter", "--out", str(out),
+                 "--no-bench", *FAST]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["adapter"] == str(tmp_path / "adapter_in") and report["verify"]["ok"]
+    assert report["verify"]["ok"] and report["options"]["lora_init"] == "pissa"
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
     # the input adapter (r=4, not the default 8) is the one that was trained and pruned
-    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    assert saved["r"] == (4 if input_adapter else 8)
+    assert saved["init_lora_weights"] is True  # loading must not run PiSSA's SVD again on the residual
+    if input_adapter:
+        assert report["adapter"] == str(tmp_path / "adapter_in")
     compact_base = load_pretrained(out / "model")
     reloaded = PeftModel.from_pretrained(compact_base, str(out / "adapter"))
     assert sum(p.numel() for n, p in reloaded.named_parameters() if "lora_" not in n) == report["params_after"]

@@ -128,25 +128,66 @@ def test_lora_criterion_on_a_plain_model_leaves_it_plain():
         CRITERIA["lora"](model, groups)
 
 
+def test_pissa_init_keeps_the_function_and_sees_input_channels_from_the_first_step():
+    """PiSSA factors hold the weight's top-r singular part and the base its residual: same logits. With
+    standard factors (B = 0) the first backward gives dA = 0, no word on input channels; with PiSSA it does."""
+    model = tiny_llama()
+    x = token_ids()
+    before = logits(model, x)
+    grads = {}
+    for init in ("standard", "pissa"):
+        peft_model = add_lora(copy.deepcopy(model), r=4, alpha=8, dropout=0.0, init=init)
+        torch.testing.assert_close(logits(peft_model, x), before, atol=1e-4, rtol=1e-4)
+        causal_lm_loss(peft_model, x).backward()
+        layers = lora_layers(peft_model)
+        assert all(m.get_base_layer().weight.grad is None for m in layers.values())
+        grads[init] = [float(m.lora_A["default"].weight.grad.abs().sum()) for m in layers.values()]
+        if init == "pissa":  # the base is the residual: W0 = residual + s·BA
+            for name, m in layers.items():
+                merged = m.get_base_layer().weight + m.get_delta_weight("default")
+                torch.testing.assert_close(merged, model.get_submodule(plain_name(name)).weight, atol=1e-5, rtol=0)
+    assert max(grads["standard"]) == 0.0 and min(grads["pissa"]) > 0.0
+    with pytest.raises(ValueError, match="unknown LoRA init 'svd'"):
+        add_lora(copy.deepcopy(model), init="svd")
+
+
+def test_pissa_scoring_on_a_plain_model_never_changes_it():
+    model = tiny_llama()
+    x = token_ids()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    groups = analyze(model, x).groups
+    batches = [token_ids(2, 16, seed=3)]
+    pissa = CRITERIA["lora"](model, groups, batches=batches, init="pissa")
+    standard = CRITERIA["lora"](model, groups, batches=batches)
+    assert not lora_layers(model) and list(model.state_dict()) == list(state)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # bit for bit
+    assert all(p.requires_grad for p in model.parameters())
+    mlp = [g.name for g in groups if g.kind == "mlp"]
+    assert all(pissa.units[n].std() > 0 for n in mlp)
+    assert any(not np.allclose(pissa.units[n], standard.units[n]) for n in mlp)
+
+
 def test_cubic_schedule():
     values = [cubic_ratio(t, 100, 0.5) for t in range(101)]
     assert values[10] == 0.0 and values[90] == 0.5 and values[100] == 0.5
     assert all(a <= b for a, b in zip(values, values[1:], strict=False))
 
 
-@pytest.mark.parametrize("attention", ["kv_groups", "query_heads"])
-def test_iterative_schedule_rewrite_and_merge(attention):
+@pytest.mark.parametrize("attention,init", [("kv_groups", "standard"), ("query_heads", "pissa")])
+def test_iterative_schedule_rewrite_and_merge(attention, init):
     model = tiny_llama(layers=2, heads=8, kv_heads=4)
     x = token_ids(3, 11, seed=7)
     batches = [token_ids(2, 16, seed=s) for s in range(5)]
     config = SelectConfig(ratio=0.5, attention=attention, exclude_first=0, exclude_last=False)
     args = dict(ratio=0.5, config=config, steps=30, update_every=5, lr=1e-2, progress=False, seed=0)
-    result = lora_prune(model, token_ids(), batches, count_macs=False, **args)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    result = lora_prune(model, token_ids(), batches, count_macs=False, init=init, **args)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # PiSSA worked on a copy
     assert isinstance(result.model, type(model)) and not lora_layers(result.model)
 
     # the same run by hand: deterministic, and the masked PEFT model before the rewrite is at hand; in one
     # case with activation checkpointing, which must change the memory only, not the result
-    peft_model = add_lora(copy.deepcopy(model), seed=0)
+    peft_model = add_lora(copy.deepcopy(model), seed=0, init=init)
     analysis = analyze(peft_model, token_ids())
     kept, history = iterative_prune(peft_model, analysis, batches, checkpointing=attention == "kv_groups", **args)
     assert {plain_name(k): v.tolist() for k, v in kept.items()} == {k: v.tolist() for k, v in

@@ -130,18 +130,19 @@ def quality(args, out: Path) -> dict:
     loaded, corpus, batches, evals, example = _setup(args)
     dense = loaded.model
     analysis = analyze(dense, (example,))
-    lora_kwargs = {"steps": args.steps, "lr": args.lr, "seed": 0, "batch_size": args.batch, "progress": True}
+    lora_kwargs = {"steps": args.steps, "lr": args.lr, "seed": 0, "batch_size": args.batch, "progress": True,
+                   "init": args.lora_init}
     dense_ppl = perplexity(dense, evals)
     rows = []
     cells = [(r, c) for r in args.ratios for c in args.criteria]
     for ratio, criterion in tqdm(cells, desc="quality"):
         one_shot = prune(dense, example, ratio=ratio, criterion=criterion, analysis=analysis,
-                         batches=batches[: args.calib], seed=0)
+                         batches=batches[: args.calib], seed=0, criterion_options={"init": args.lora_init})
         ppl_one_shot = perplexity(one_shot.model, evals).ppl
         start = time.perf_counter()
         if criterion == "lora":
             result = lora_prune(dense, example, batches, ratio=ratio, update_every=args.update_every,
-                                count_macs=False, **lora_kwargs)
+                                cooldown=args.cooldown, count_macs=False, **lora_kwargs)
             recovered, params_recovered = result.model, result.report["params_after"]
         else:
             recovered, _ = lora_recover(one_shot.model, batches, **lora_kwargs)
@@ -189,8 +190,9 @@ def _markdown(results: dict, args) -> str:
     if q:
         lines += [f"Held-out perplexity ({q['eval_windows']} windows x {q['eval_window_len']} tokens of "
                   f"{q['corpus']}); dense: **{q['dense_ppl']:.2f}** ({q['params_dense'] / 1e6:.1f}M params). "
-                  f"Fine-tuning budget: {args.steps} steps x {args.batch}x{args.window} tokens, LoRA r=8, "
-                  f"lr {args.lr}; one-shot gradient criteria use {args.calib} batches.", "",
+                  f"Fine-tuning budget: {args.steps} steps x {args.batch}x{args.window} tokens, LoRA r=8 "
+                  f"({args.lora_init} init), lr {args.lr}; lora schedule cool-down {args.cooldown:g}; one-shot "
+                  f"gradient criteria use {args.calib} batches.", "",
                   "| ratio | criterion | params | ppl one-shot | ppl with LoRA recovery | fine-tune s |",
                   "|---:|---|---:|---:|---:|---:|"]
         for r in q["rows"]:
@@ -248,6 +250,8 @@ def _plot(results: dict, path: Path) -> None:
 
 
 def main() -> None:
+    from loraprune.passes.lora_importance import LORA_INITS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.5])
     parser.add_argument("--out", default="runs/bench_quality")
@@ -262,6 +266,8 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=64, help="at most this many (protocol: 64)")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--update-every", type=int, default=5)
+    parser.add_argument("--cooldown", type=float, default=0.1, help="share of the lora steps after the last cut")
+    parser.add_argument("--lora-init", choices=sorted(LORA_INITS), default="pissa")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--scoring-runs", type=int, default=3)
     parser.add_argument("--tp-limit", type=float, default=300.0)

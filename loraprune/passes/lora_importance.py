@@ -47,19 +47,30 @@ def is_peft_model(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
+# How the factors start (PEFT's `init_lora_weights`). "standard": A random, B = 0, so at first every factor
+# gradient is dB·A: a random rank-r view of the weight gradient that says nothing about input channels
+# (dA = s·Bᵀ·dW = 0). "pissa" (arXiv 2404.02948): B·A is the weight's top-r singular part and W0 becomes the
+# residual (the function is unchanged up to rounding), so from the first step dB and dA are the weight
+# gradient seen through the weight's own principal subspaces, on the output and the input side alike.
+LORA_INITS = {"standard": True, "pissa": "pissa_niter_4"}
+
+
 def add_lora(model: nn.Module, r: int = 8, alpha: int = 16, target: Sequence[str] | str | None = None,
-             dropout: float = 0.05, seed: int | None = 0) -> nn.Module:
+             dropout: float = 0.05, seed: int | None = 0, init: str = "standard") -> nn.Module:
     """Wrap `model` in PEFT LoRA adapters (in place, as PEFT does); a PeftModel is returned as is.
 
     `target` None means every nn.Linear / Conv1D leaf except the output head (PEFT's "all-linear"); otherwise
     module-name suffixes such as ("q_proj", "v_proj"). Base weights are frozen. `seed` makes the factor
-    initialisation reproducible without touching the global RNG.
+    initialisation reproducible without touching the global RNG. `init` is a key of `LORA_INITS`; "pissa"
+    rewrites the base weights to their residual in place (copy the model first to keep it).
     """
     from peft import LoraConfig, get_peft_model
 
+    if init not in LORA_INITS:
+        raise ValueError(f"unknown LoRA init {init!r}; known: {', '.join(LORA_INITS)}")
     if is_peft_model(model):
         return model
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", init_lora_weights=LORA_INITS[init],
                         target_modules="all-linear" if target is None else list(target) if not isinstance(
                             target, str) else target)
     training = model.training
@@ -251,11 +262,13 @@ def _plain_backward(model: nn.Module, batch) -> None:
 @register_criterion("lora")
 def lora_criterion(model: nn.Module, groups: list[ChannelGroup], *, batches=None, seed: int = 0, lam: float = 0.9,
                    batch_size: int = 4, stats: GradientStats | None = None, r: int = 8, alpha: int = 16,
-                   backward=None, checkpointing: bool = False, **_: object) -> GroupScores:
+                   backward=None, checkpointing: bool = False, init: str = "standard",
+                   **_: object) -> GroupScores:
     """LoRA-guided importance from the factor gradients of `batches` (no optimiser step, eval mode).
 
-    On a model without LoRA layers, adapters are added for the scoring (B = 0 at init, so G = s·dB·A) and
-    removed again; groups may be analysed on the PEFT model or the plain model. Base weights get no `.grad`.
+    On a model without LoRA layers, adapters (`init`, see `LORA_INITS`) are added for the scoring and removed
+    again; with an init that rewrites the base weights a copy is scored, so the input model is never changed.
+    Groups may be analysed on the PEFT model or the plain model. Base weights get no `.grad`.
     `backward(model, batch)` leaves the factor gradients of one step in `.grad` (default: the batch's
     causal-LM loss; `loraprune.distributed` passes a data-parallel one). `checkpointing` recomputes each
     decoder layer in the backward pass instead of keeping its activations (less memory, one more forward).
@@ -264,13 +277,15 @@ def lora_criterion(model: nn.Module, groups: list[ChannelGroup], *, batches=None
         raise ValueError("criterion 'lora' needs calibration batches: pass batches=[token ids [b, seq], ...]")
     batches = _as_batches(batches, batch_size)
     added = not lora_layers(model)
+    copied = added and init != "standard"
     flags = {id(p): p.requires_grad for p in model.parameters()}  # add_lora freezes the base weights
-    work = add_lora(model, r=r, alpha=alpha, seed=seed, dropout=0.0) if added else model
+    work = add_lora(copy.deepcopy(model) if copied else model, r=r, alpha=alpha, seed=seed, dropout=0.0,
+                    init=init) if added else model
     try:
         with activation_checkpointing(work, checkpointing):
             return _score(work, groups, batches, lam, stats, seed, backward or _plain_backward)
     finally:
-        if added:
+        if added and not copied:
             work.unload()
             for p in model.parameters():
                 p.requires_grad_(flags.get(id(p), p.requires_grad))
@@ -428,18 +443,19 @@ def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, after
 
 def lora_recover(model: nn.Module, batches, *, steps: int, lr: float = 1e-4, r: int = 8, alpha: int = 16,
                  target: Sequence[str] | None = None, dropout: float = 0.05, seed: int = 0, batch_size: int = 4,
-                 merge: bool = True, progress: bool = True,
-                 checkpointing: bool = False) -> tuple[nn.Module, list[float]]:
+                 merge: bool = True, progress: bool = True, checkpointing: bool = False,
+                 init: str = "pissa") -> tuple[nn.Module, list[float]]:
     """LoRA recovery fine-tuning of an (already pruned) model: the baselines' counterpart of the schedule.
 
     Same optimiser, loss, batches and step count as `iterative_prune`, so a one-shot criterion followed by this
     gets the same fine-tuning budget as LoRA-guided pruning. Works on a copy; returns (model, loss per step),
     the model merged into plain weights unless `merge` is False (then a PeftModel). `checkpointing`
-    recomputes each decoder layer in the backward pass instead of keeping its activations.
+    recomputes each decoder layer in the backward pass instead of keeping its activations; `init` is how the
+    factors start (`LORA_INITS`).
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    work = add_lora(copy.deepcopy(model), r=r, alpha=alpha, target=target, dropout=dropout, seed=seed)
+    work = add_lora(copy.deepcopy(model), r=r, alpha=alpha, target=target, dropout=dropout, seed=seed, init=init)
     batches = _as_batches(batches, batch_size)
     params = _lora_params(lora_layers(work))
     losses: list[float] = []
@@ -557,14 +573,15 @@ def lora_prune(model: nn.Module, example_inputs, batches, *, ratio: float, confi
                steps: int, merge: bool = True, r: int = 8, alpha: int = 16, target: Sequence[str] | None = None,
                dropout: float = 0.05, lr: float = 1e-4, update_every: int = 10, warmup: float = 0.1,
                cooldown: float = 0.1, lam: float = 0.9, progress: bool = True, seed: int = 0, batch_size: int = 4,
-               inplace: bool = False, count_macs: bool = True, checkpointing: bool = False):
+               inplace: bool = False, count_macs: bool = True, checkpointing: bool = False, init: str = "pissa"):
     """LoRAPrune end to end. Returns a `PruneResult`.
 
     add_lora (an existing PeftModel is used as is) -> analyze the PEFT model -> iterative_prune -> make_plan +
     apply_plan (masked channels removed from the base weights and the LoRA factors alike). With `merge`,
     the compact adapters are merged into a plain model and plan, groups and kept units use the plain
     model's names (the plan re-applies to the original checkpoint); otherwise the compact PeftModel is
-    returned with PEFT names. The input model is not modified unless `inplace`.
+    returned with PEFT names (with `init="pissa"` its base weights are the residual the adapter completes).
+    The input model is not modified unless `inplace`.
     """
     from loraprune.api import PruneResult, count_params
     from loraprune.ir.trace import trace
@@ -583,7 +600,7 @@ def lora_prune(model: nn.Module, example_inputs, batches, *, ratio: float, confi
         timings["count_macs"] = time.perf_counter() - start
     start = time.perf_counter()
     work = model if inplace else copy.deepcopy(model)
-    peft_model = add_lora(work, r=r, alpha=alpha, target=target, dropout=dropout, seed=seed)
+    peft_model = add_lora(work, r=r, alpha=alpha, target=target, dropout=dropout, seed=seed, init=init)
     lora_names = {n for n, _ in peft_model.named_parameters() if "lora_" in n}
     params_before = sum(p.numel() for n, p in peft_model.named_parameters() if n not in lora_names)
     analysis = analyze(peft_model, example_inputs)
@@ -595,7 +612,7 @@ def lora_prune(model: nn.Module, example_inputs, batches, *, ratio: float, confi
                                     checkpointing=checkpointing)
     timings["lora_finetune_and_prune"] = time.perf_counter() - start
     start = time.perf_counter()
-    lora_meta = {"r": r, "alpha": alpha, "steps": steps, "lr": lr, "update_every": update_every,
+    lora_meta = {"r": r, "alpha": alpha, "init": init, "steps": steps, "lr": lr, "update_every": update_every,
                  "warmup": warmup, "cooldown": cooldown, "lam": lam, "seed": seed, "checkpointing": checkpointing}
     plan = make_plan(analysis.groups, kept, analysis.param_shapes, analysis.program.aliases,
                      meta={"criterion": "lora", "select": config.to_dict(), "lora": lora_meta})
