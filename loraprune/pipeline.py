@@ -416,11 +416,20 @@ def _fmt(value: float) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.2f}"
 
 
+def _lora_line(o: dict, criterion: str) -> str:
+    if o["steps"] == 0:
+        return "No LoRA fine-tuning (one-shot pruning)."
+    how = f"LoRAPrune schedule, cool-down {o['cooldown']:g}" if criterion == "lora" else "recovery after one-shot"
+    return (f"LoRA fine-tuning: {o['steps']} steps of {o['batch_size']}x{o['window']} tokens, r={o['lora_r']}, "
+            f"{o['lora_init']} init; {how}.")
+
+
 def render_markdown(report: dict) -> str:
     """report.md: the figures a person checks first, then how to read them."""
     lines = [f"# loraprune compile: {report['model']}", "",
              f"criterion **{report['criterion']}**, ratio **{report['ratio']:g}** of each prunable group's units, "
              f"seed {report['seed']}; data: {report['data']}", "",
+             _lora_line(report["options"], report["criterion"]), "",
              "| | dense | compact | change |", "|---|---:|---:|---:|",
              f"| parameters | {report['params_before']:,} | {report['params_after']:,} | "
              f"-{report['params_removed_fraction']:.1%} |",

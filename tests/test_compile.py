@@ -65,7 +65,9 @@ def test_compile_writes_a_consistent_report_and_loadable_outputs(compiled, tiny_
     for name in ("report.md", "quality.png", "finetune.png", "onnx/prefill.onnx", "onnx/decode.onnx",
                  "bench/bench.json", "bench/speedup.png", "model/model.safetensors"):
         assert (compiled / name).is_file(), name
-    assert "held-out perplexity" in (compiled / "report.md").read_text()
+    page = (compiled / "report.md").read_text()
+    assert "held-out perplexity" in page
+    assert "LoRA fine-tuning: 4 steps" in page and "pissa init; LoRAPrune schedule, cool-down 0.5" in page
     model = load_pretrained(compiled / "model")
     assert sum(p.numel() for p in model.parameters()) == report["params_after"]
     assert not list(compiled.parent.glob(".*tmp*"))  # no staging left behind

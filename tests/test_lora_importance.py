@@ -10,7 +10,7 @@ from zoo import tiny_gpt2, tiny_llama, token_ids
 
 from loraprune import SelectConfig, analyze, prune
 from loraprune.passes.checkpointing import activation_checkpointing
-from loraprune.passes.importance import CRITERIA
+from loraprune.passes.importance import CRITERIA, scores_from_meta
 from loraprune.passes.lora_importance import (
     GradientStats,
     add_lora,
@@ -165,6 +165,11 @@ def test_pissa_scoring_on_a_plain_model_never_changes_it():
     mlp = [g.name for g in groups if g.kind == "mlp"]
     assert all(pissa.units[n].std() > 0 for n in mlp)
     assert any(not np.allclose(pissa.units[n], standard.units[n]) for n in mlp)
+    # prune() hands criterion_options to the criterion: the scores it writes onto the graph are PiSSA's
+    result = prune(model, x, ratio=0.5, criterion="lora", batches=batches, criterion_options={"init": "pissa"})
+    on_graph = scores_from_meta(result.analysis.program)
+    for n in mlp:
+        np.testing.assert_allclose(on_graph[n]["unit_scores"], pissa.units[n], rtol=1e-6)
 
 
 def test_cubic_schedule():
@@ -243,7 +248,7 @@ import torch
 from zoo import tiny_llama, token_ids
 from loraprune import analyze
 from loraprune.passes.checkpointing import activation_checkpointing
-from loraprune.passes.importance import CRITERIA
+from loraprune.passes.importance import CRITERIA, scores_from_meta
 from loraprune.runtime.bench import stage_memory_mb
 
 torch.manual_seed(0)

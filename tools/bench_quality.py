@@ -266,7 +266,7 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=64, help="at most this many (protocol: 64)")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--update-every", type=int, default=5)
-    parser.add_argument("--cooldown", type=float, default=0.1, help="share of the lora steps after the last cut")
+    parser.add_argument("--cooldown", type=float, default=0.5, help="share of the lora steps after the last cut")
     parser.add_argument("--lora-init", choices=sorted(LORA_INITS), default="pissa")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--scoring-runs", type=int, default=3)
