@@ -438,6 +438,14 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt  # so SIGTERM runs the same clean-up (temporary output removed) as Ctrl-C
 
 
+def _caused_by_interrupt(err: BaseException | None) -> bool:
+    while err is not None:
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # library chatter (deprecations inside torch/transformers, exporter notes) is not the user's problem
@@ -450,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, RuntimeError) as err:
+        if _caused_by_interrupt(err):  # e.g. an import interrupted mid-class is re-raised as RuntimeError
+            print(f"loraprune {args.command}: interrupted", file=sys.stderr)
+            return 130
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"loraprune {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE

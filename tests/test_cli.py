@@ -50,3 +50,19 @@ def test_inspect_shows_scores_written_onto_the_graph(tmp_path, capsys):
         assert len(g["scores"]) == g["units"] and min(g["scores"]) >= 0
     assert main(["inspect", str(model_dir), "--criterion", "magnitude"]) == 0
     assert "lowest units" in capsys.readouterr().out
+
+
+def test_an_interruption_wrapped_by_python_still_reads_as_interrupted(monkeypatch, capsys):
+    """Python re-raises a KeyboardInterrupt that hits class creation (a lazy import under SIGTERM) as a
+    RuntimeError; that is an interruption (exit 130), not a usage error."""
+    import loraprune.cli as cli
+
+    def interrupted_import(args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as err:
+            raise RuntimeError("Error calling __set_name__ on 'Field' instance 'r'") from err
+
+    monkeypatch.setattr(cli, "cmd_inspect", interrupted_import)
+    assert main(["inspect", "/no/such/model"]) == 130
+    assert capsys.readouterr().err.strip() == "loraprune inspect: interrupted"
