@@ -434,8 +434,14 @@ def _add_folder_commands(sub) -> None:
     p.set_defaults(fn=cmd_generate)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be so that the same clean-up runs (temporary output removed). A class
+    of its own: CPython remembers an exact KeyboardInterrupt that passed through C-level code (a lazy import,
+    say) even when it is caught later, and then ends the process by SIGINT instead of our exit code 130."""
+
+
 def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt  # so SIGTERM runs the same clean-up (temporary output removed) as Ctrl-C
+    raise Terminated
 
 
 def _caused_by_interrupt(err: BaseException | None) -> bool:
