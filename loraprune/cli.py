@@ -436,8 +436,9 @@ def _add_folder_commands(sub) -> None:
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where Ctrl-C would be so that the same clean-up runs (temporary output removed). A class
-    of its own: CPython remembers an exact KeyboardInterrupt that passed through C-level code (a lazy import,
-    say) even when it is caught later, and then ends the process by SIGINT instead of our exit code 130."""
+    of its own: CPython flags an exact KeyboardInterrupt that surfaced through C-level code (a lazy import, say)
+    as unhandled even when it is caught later, and then ends the process by SIGINT instead of exit code 130
+    (our reading of its start-up code; with this class the interrupted-compile test no longer fails so)."""
 
 
 def _interrupt(signum, frame) -> None:
