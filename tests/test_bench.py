@@ -10,7 +10,7 @@ import torch
 from zoo import tiny_llama, token_ids
 
 import loraprune
-from loraprune.runtime.bench import bench_pair, write_report
+from loraprune.runtime.bench import bench_pair, stage_allocated_mb, write_report
 
 CELL_FIELDS = {"median_ms", "min_ms", "max_ms", "runs", "samples_ms", "tokens_per_s", "stage_mem_mb"}
 
@@ -75,3 +75,16 @@ def test_write_report_files(results, tmp_path):
     assert "| prefill | ort | 1x8 |" in md and "efficiency" in md
     for key in ("speedup_png", "efficiency_png"):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_stage_allocated_mb_is_the_peak_of_live_tensors_the_call_adds():
+    held = [torch.zeros(2**18)]  # 1 MiB allocated before the call and freed in it: not subtracted
+
+    def stage():
+        a = torch.empty(2**20, dtype=torch.uint8)
+        b = torch.empty(2**21, dtype=torch.uint8)  # peak: 3 MiB live
+        del a, b
+        held.clear()
+        return torch.empty(2**20, dtype=torch.uint8)
+
+    assert stage_allocated_mb(stage) == pytest.approx(3.0, abs=0.01)

@@ -11,9 +11,11 @@ linear layers), `--batch` windows of `--window` tokens of the training split per
 criteria prune one-shot and then fine-tune the compact model with `lora_recover` for the same steps. One-shot
 gradient criteria (lora, taylor) score on the first `--calib` training batches. Scoring memory and time: each
 criterion alone in a fresh process (`--scoring-runs` alternating rounds), peak RSS above the RSS before
-scoring (VmHWM reset before it, after a one-batch warm-up call), wall time, and the bytes of parameter
-gradients held; each criterion also with activation checkpointing (`+checkpointed`: every decoder layer
-recomputed in the backward pass, so the activations no longer hide the gradient memory).
+scoring (VmHWM reset before it, after a one-batch warm-up call), wall time, the peak of live tensors the
+scoring adds (a further, profiled call: torch's allocations, free of what glibc keeps resident; the CPU analogue
+of the CUDA allocator's peak), and the bytes of parameter gradients held; each criterion also with activation
+checkpointing (`+checkpointed`: every decoder layer recomputed in the backward pass, so the activations no
+longer hide the gradient memory).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def scoring_worker(args) -> dict:
     from loraprune.passes.dependency import analyze
     from loraprune.passes.importance import CRITERIA as TABLE
     from loraprune.passes.lora_importance import GradientStats
-    from loraprune.runtime.bench import stage_memory_mb
+    from loraprune.runtime.bench import stage_allocated_mb, stage_memory_mb
 
     loaded, _, batches, _, example = _setup(args)
     analysis = analyze(loaded.model, (example,))
@@ -73,8 +75,11 @@ def scoring_worker(args) -> dict:
     peak_mb = stage_memory_mb(lambda: score(loaded.model, analysis.groups, batches=batches[: args.calib],
                                             stats=stats, checkpointing=checkpointing))
     seconds = time.perf_counter() - start
+    live_mb = stage_allocated_mb(lambda: score(loaded.model, analysis.groups, batches=batches[: args.calib],
+                                               checkpointing=checkpointing))
     return {"criterion": args.scoring_worker, "seconds": seconds, "peak_rss_bytes": (peak_mb or 0.0) * 2**20,
-            "grad_bytes": stats.grad_bytes, "params_with_grad": stats.params_with_grad}
+            "peak_live_bytes": live_mb * 2**20, "grad_bytes": stats.grad_bytes,
+            "params_with_grad": stats.params_with_grad}
 
 
 def tp_worker(args) -> dict:
@@ -171,6 +176,7 @@ def scoring(args) -> dict:
                 "seconds_median": statistics.median(r["seconds"] for r in ok),
                 "seconds_min": min(r["seconds"] for r in ok), "seconds_max": max(r["seconds"] for r in ok),
                 "peak_rss_mb_median": statistics.median(r["peak_rss_bytes"] for r in ok) / 2**20,
+                "peak_live_mb_median": statistics.median(r["peak_live_bytes"] for r in ok) / 2**20,
                 "grad_mb": ok[0]["grad_bytes"] / 2**20, "params_with_grad": ok[0]["params_with_grad"]}
         else:
             summary[criterion] = {"status": results[0].get("status", "failed")}
@@ -179,6 +185,7 @@ def scoring(args) -> dict:
         if "seconds_median" in lora and "seconds_median" in taylor:
             summary[f"lora_over_taylor{suffix}"] = {
                 "peak_rss": lora["peak_rss_mb_median"] / taylor["peak_rss_mb_median"],
+                "peak_live": lora["peak_live_mb_median"] / taylor["peak_live_mb_median"],
                 "seconds": lora["seconds_median"] / taylor["seconds_median"],
                 "grad_bytes": lora["grad_mb"] / taylor["grad_mb"]}
     return {"runs": runs, "summary": summary}
@@ -202,20 +209,22 @@ def _markdown(results: dict, args) -> str:
     if s:
         lines += ["", f"Scoring ({args.calib} batches of {args.batch}x{args.window}), each in a fresh process, "
                   f"{args.scoring_runs} alternating rounds, median (min-max):", "",
-                  "| criterion | seconds | peak RSS above baseline MiB | parameter-gradient MiB |",
-                  "|---|---:|---:|---:|"]
+                  "| criterion | seconds | peak RSS above baseline MiB | peak live tensors MiB | "
+                  "parameter-gradient MiB |", "|---|---:|---:|---:|---:|"]
         for name in SCORING:
             c = s["summary"][name]
             if "status" in c:
-                lines.append(f"| {name} | {c['status']} | | |")
+                lines.append(f"| {name} | {c['status']} | | | |")
             else:
                 lines.append(f"| {name} | {c['seconds_median']:.1f} ({c['seconds_min']:.1f}-{c['seconds_max']:.1f})"
-                             f" | {c['peak_rss_mb_median']:.0f} | {c['grad_mb']:.1f} |")
+                             f" | {c['peak_rss_mb_median']:.0f} | {c['peak_live_mb_median']:.0f}"
+                             f" | {c['grad_mb']:.1f} |")
         for suffix in ("", f"+{CHECKPOINTED}"):
             ratio = s["summary"].get(f"lora_over_taylor{suffix}")
             if ratio:
-                lines.append(f"\nlora{suffix} / taylor{suffix}: peak RSS {ratio['peak_rss']:.2f}, time "
-                             f"{ratio['seconds']:.2f}, gradient bytes {ratio['grad_bytes']:.3f}")
+                lines.append(f"\nlora{suffix} / taylor{suffix}: peak RSS {ratio['peak_rss']:.2f}, peak live tensors "
+                             f"{ratio['peak_live']:.2f}, time {ratio['seconds']:.2f}, gradient bytes "
+                             f"{ratio['grad_bytes']:.3f}")
     tp_rows = results.get("torch_pruning")
     if tp_rows:
         lines += ["", "Torch-Pruning 1.6.1 TaylorImportance (MetaPruner, its LLM example's settings):", ""]

@@ -203,8 +203,10 @@ def causal_lm_loss(model: nn.Module, batch: torch.Tensor | dict) -> torch.Tensor
         logits = out[0] if isinstance(out, (tuple, list)) else out
     if labels is None:
         labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
-    labels = labels.to(device)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    # shift the labels, not the logits: slicing [b, seq, vocab] logits would copy them, and its backward pass
+    # would allocate two more vocab-sized tensors (the largest activations of a small model)
+    targets = F.pad(labels.to(device)[:, 1:], (0, 1), value=-100)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
 
 # ----------------------------------------------------------------------------------------------- scoring
@@ -483,6 +485,7 @@ def iterative_prune(model: nn.Module, analysis, batches, *, ratio: float, config
     target ratio follows `cubic_ratio`; every `update_every` steps (and when the schedule reaches `ratio`)
     units are reselected with `select_units` from the smoothed LoRA scores, removed units never return,
     and removed units are zeroed in the base weights and the LoRA factors (kept zero after every step).
+    Once the masks reach `ratio`, the remaining steps (the cool-down) fine-tune only: no scoring, no updates.
     The final kept counts are those `select_units` gives for `ratio`; `checkpointing` as in `lora_recover`.
     Returns (kept units per group, history): one record per update with step, ratio, mean loss since the
     last update and the kept units.
@@ -528,10 +531,12 @@ def iterative_prune(model: nn.Module, analysis, batches, *, ratio: float, config
         bar = tqdm(range(1, steps + 1), desc="lora-prune", unit="step", disable=not progress)
         try:
             for step in bar:
-                value = _train_step(model, optimizer, batches[(step - 1) % len(batches)], after_backward=scorer.update)
+                pruning = last_ratio != ratio  # once the masks reach `ratio` they are final: no scores needed
+                value = _train_step(model, optimizer, batches[(step - 1) % len(batches)],
+                                    after_backward=scorer.update if pruning else None)
                 masker.apply(trainable_only=True)
                 losses.append(value)
-                if step % update_every == 0 or step == end:
+                if pruning and (step % update_every == 0 or step == end):
                     update(step, cubic_ratio(step, steps, ratio, warmup, cooldown))
                 bar.set_postfix(loss=f"{value:.3f}", ratio=f"{last_ratio or 0.0:.3f}", refresh=False)
             if last_ratio != ratio:

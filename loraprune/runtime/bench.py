@@ -52,7 +52,7 @@ from loraprune.runtime.export import export_decode, export_prefill
 from loraprune.runtime.generate import ort_generate
 from loraprune.runtime.session import make_session, run_session
 
-__all__ = ["DEFAULT_GRID", "bench_pair", "model_stats", "stage_memory_mb", "write_report"]
+__all__ = ["DEFAULT_GRID", "bench_pair", "model_stats", "stage_allocated_mb", "stage_memory_mb", "write_report"]
 
 DEFAULT_GRID = ((1, 128), (1, 512), (8, 128))
 MODELS = ("dense", "compact")
@@ -108,6 +108,27 @@ def stage_memory_mb(fn: Callable[[], object], cuda: bool = False) -> float | Non
     before = _status_kb("VmRSS")
     fn()
     return max(_status_kb("VmHWM") - before, 0) / 1024
+
+
+def stage_allocated_mb(fn: Callable[[], object]) -> float:
+    """Peak bytes of live CPU tensors (MiB) that one run of ``fn`` adds: the CPU analogue of the CUDA
+    allocator's peak, read from the profiler's memory events (a running sum of torch's allocations and frees).
+
+    Peak RSS also counts what the C allocator keeps after tensors are freed: glibc raises its mmap threshold
+    after a large free, so later tensors come from the heap, whose freed pages stay resident and which
+    fragments by allocation order. Tensors allocated before the call count from zero: their frees are not
+    reported, so the figure is never below the stage's own demand. Memory outside torch's allocator (numpy,
+    oneDNN scratch) is not seen. The profiler slows ``fn``: time it in another run."""
+    gc.collect()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type().name == "CPU")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak / MIB
 
 
 # ----------------------------------------------------------------------------------------------- model facts
