@@ -203,8 +203,8 @@ def causal_lm_loss(model: nn.Module, batch: torch.Tensor | dict) -> torch.Tensor
         logits = out[0] if isinstance(out, (tuple, list)) else out
     if labels is None:
         labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
-    # shift the labels, not the logits: slicing [b, seq, vocab] logits would copy them, and its backward pass
-    # would allocate two more vocab-sized tensors (the largest activations of a small model)
+    # shift the labels, not the logits: flattening sliced [b, seq, vocab] logits copies them, and the slice's
+    # backward pass allocates another vocab-sized tensor (the largest activations of a small model)
     targets = F.pad(labels.to(device)[:, 1:], (0, 1), value=-100)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
