@@ -147,7 +147,7 @@ def quality(args, out: Path) -> dict:
         start = time.perf_counter()
         if criterion == "lora":
             result = lora_prune(dense, example, batches, ratio=ratio, update_every=args.update_every,
-                                cooldown=args.cooldown, count_macs=False, **lora_kwargs)
+                                cooldown=args.cooldown, lam=args.lam, count_macs=False, **lora_kwargs)
             recovered, params_recovered = result.model, result.report["params_after"]
         else:
             recovered, _ = lora_recover(one_shot.model, batches, **lora_kwargs)
@@ -198,8 +198,8 @@ def _markdown(results: dict, args) -> str:
         lines += [f"Held-out perplexity ({q['eval_windows']} windows x {q['eval_window_len']} tokens of "
                   f"{q['corpus']}); dense: **{q['dense_ppl']:.2f}** ({q['params_dense'] / 1e6:.1f}M params). "
                   f"Fine-tuning budget: {args.steps} steps x {args.batch}x{args.window} tokens, LoRA r=8 "
-                  f"({args.lora_init} init), lr {args.lr}; lora schedule cool-down {args.cooldown:g}; one-shot "
-                  f"gradient criteria use {args.calib} batches.", "",
+                  f"({args.lora_init} init), lr {args.lr}; lora schedule cool-down {args.cooldown:g}, score average "
+                  f"lam {args.lam:g}; one-shot gradient criteria use {args.calib} batches.", "",
                   "| ratio | criterion | params | ppl one-shot | ppl with LoRA recovery | fine-tune s |",
                   "|---:|---|---:|---:|---:|---:|"]
         for r in q["rows"]:
@@ -276,6 +276,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--update-every", type=int, default=5)
     parser.add_argument("--cooldown", type=float, default=0.5, help="share of the lora steps after the last cut")
+    parser.add_argument("--lam", type=float, default=0.9, help="lora schedule: moving average of the scores")
     parser.add_argument("--lora-init", choices=sorted(LORA_INITS), default="pissa")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--scoring-runs", type=int, default=3)
