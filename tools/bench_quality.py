@@ -284,6 +284,8 @@ def main() -> None:
     parser.add_argument("--scoring-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--tp-worker", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if not 0.0 <= args.lam < 1.0:
+        parser.error(f"--lam must be in [0, 1), got {args.lam!r}")
     if args.scoring_worker:
         print(json.dumps(scoring_worker(args)))
         return
