@@ -17,7 +17,7 @@ from loraprune.passes.importance import CRITERIA, GroupScores, annotate_scores
 from loraprune.passes.macs import count_macs
 from loraprune.passes.rewrite import apply_plan, make_plan, masked_copy
 from loraprune.passes.select import SelectConfig, select_units
-from loraprune.passes.verify import compare_logits, logits
+from loraprune.passes.verify import compact_logits, compare_logits, logits
 
 __all__ = ["PruneResult", "count_params", "prune"]
 
@@ -77,7 +77,7 @@ def prune(model: nn.Module, example_inputs: tuple | torch.Tensor, ratio: float |
     timings["rewrite"] = time.perf_counter() - start
     start = time.perf_counter()
     check = compare_logits(logits(masked_copy(model, analysis.groups, kept), example_inputs),
-                           logits(compact, example_inputs), exact=not config.prune_hidden)
+                           compact_logits(compact, example_inputs), exact=not config.prune_hidden)
     if not check["ok"]:
         raise RuntimeError(f"rewrite verification failed: compact logits differ from the masked model's by "
                            f"{check['relative_diff']:.2e} (relative)")

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
-from zoo import LM_ZOO, tiny_bert, tiny_cnn, tiny_llama, token_ids
+from zoo import LM_ZOO, tiny_bert, tiny_cnn, tiny_llama, tiny_mixtral, token_ids
 
-from loraprune import analyze
+from loraprune import SelectConfig, analyze, prune
 
 
 def kinds(analysis, kind):
@@ -67,6 +68,60 @@ def test_gpt2_fused_qkv_splits_into_heads():
     # Conv1D [in, out]: out columns are q | k | v; head h owns 16 columns in each of the three parts
     for part in range(3):
         assert ids[part * 64: (part + 1) * 64].tolist() == [i // 16 for i in range(64)]
+
+
+@pytest.mark.parametrize("name, norms", [("qwen3", ("q_norm", "k_norm")), ("phi", ("q_layernorm", "k_layernorm"))])
+def test_head_dim_norm_shared_by_the_heads_is_left_whole(name, norms):
+    """A QK-norm weight over head_dim serves every head: heads stay prunable, the weight is nobody's member."""
+    model = LM_ZOO[name]()
+    a = analyze(model, token_ids())
+    attention = kinds(a, "attention")
+    assert len(attention) == 2 and all(g.num_units == 4 and g.unit_size == 16 for g in attention)
+    members = {p for g in a.groups for p, _ in list(g.members) + list(g.kv_members)}
+    assert not [p for p in members if any(f".{n}." in p for n in norms)]
+    compact = prune(model, token_ids(), config=SelectConfig(ratio=0.5, exclude_first=0, exclude_last=False)).model
+    before, after = model.state_dict(), compact.state_dict()
+    for key in [k for k in before if any(f".{n}." in k for n in norms)]:
+        assert torch.equal(after[key], before[key])
+
+
+class HeadGainAttention(nn.Module):
+    """A per-head gain [heads, 1, 1] and a scale over head_dim [head_dim] that every head shares."""
+
+    def __init__(self, hidden: int = 32, heads: int = 4):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, hidden // heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.out = nn.Linear(hidden, hidden)
+        self.gain = nn.Parameter(torch.rand(heads, 1, 1) + 0.5)
+        self.scale = nn.Parameter(torch.rand(self.head_dim) + 0.5)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = (t.view(b, s, -1, self.head_dim).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        q = q * self.gain * self.scale
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(b, s, -1)) + x
+
+
+def test_per_head_gain_is_sliced_with_its_head_and_a_shared_scale_is_not():
+    torch.manual_seed(0)
+    model = nn.Sequential(HeadGainAttention()).eval()
+    x = torch.randn(2, 5, 32)
+    a = analyze(model, x)
+    (g,) = kinds(a, "attention")
+    assert g.num_units == 4 and ("0.gain", 0) in g.members
+    assert not any(p == "0.scale" for p, _ in g.members)
+    result = prune(model, x, config=SelectConfig(ratio=0.5, exclude_first=0, exclude_last=False))
+    assert result.model[0].gain.shape == (2, 1, 1) and torch.equal(result.model[0].scale, model[0].scale)
+
+
+def test_mixture_of_experts_keeps_its_routed_experts_and_prunes_attention():
+    model = tiny_mixtral()
+    a = analyze(model, token_ids())
+    assert len(kinds(a, "attention")) == 2
+    assert not [p for g in a.groups for p, _ in g.members if ".experts." in p]
+    assert any("experts" in " ".join(f.params) for f in a.frozen)  # reported, not guessed at
 
 
 def test_bert_hidden_is_the_output_so_it_stays_whole():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from peft import PeftModel
-from zoo import tiny_gpt2, tiny_llama, token_ids
+from zoo import tiny_gpt2, tiny_llama, tiny_mixtral, token_ids
 
 from loraprune import SelectConfig, analyze, prune
 from loraprune.passes.checkpointing import activation_checkpointing
@@ -19,6 +19,7 @@ from loraprune.passes.lora_importance import (
     cubic_ratio,
     estimated_gradient,
     iterative_prune,
+    linear_targets,
     lora_layers,
     lora_prune,
     plain_groups,
@@ -264,6 +265,21 @@ def test_lora_prune_unmerged_and_conv1d():
     merged = copy.deepcopy(result.model).merge_and_unload()
     torch.testing.assert_close(logits(merged, x), logits(result.model, x), atol=1e-4, rtol=1e-4)
     assert model.transformer.h[0].mlp.c_fc.weight.shape == (64, 256)  # the input model is untouched
+
+
+def test_lora_on_a_mixture_of_experts_adapts_the_linear_layers_and_prunes_attention():
+    """PEFT's "all-linear" would also wrap the fused 3-D expert tensors (no dropout allowed there); the
+    default targets are the nn.Linear layers, so LoRAPrune runs and leaves the routed experts whole."""
+    model = tiny_mixtral()
+    assert linear_targets(model) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    batches = [token_ids(2, 16, seed=s) for s in range(2)]
+    config = SelectConfig(ratio=0.5, exclude_first=0, exclude_last=False)
+    result = lora_prune(model, token_ids(), batches, ratio=0.5, config=config, steps=4, update_every=2,
+                        progress=False, count_macs=False)
+    compact, dense = result.model.state_dict(), model.state_dict()
+    assert compact["model.layers.0.self_attn.q_proj.weight"].shape == (32, 64)
+    for key in [k for k in dense if ".experts." in k]:
+        assert compact[key].shape == dense[key].shape
 
 
 _PEAK_SCRIPT = """

@@ -62,9 +62,10 @@ def test_gqa_modes_shrink_the_right_projections():
 
 
 def test_compact_model_generates():
+    torch.manual_seed(0)  # weights independent of the tests before this one
     model = tiny_llama()
     result = prune(model, token_ids(), ratio=0.5, config=SelectConfig(ratio=0.5, exclude_first=0, exclude_last=False))
-    out = result.model.generate(token_ids(1, 5), max_new_tokens=4, do_sample=False)
+    out = result.model.generate(token_ids(1, 5), max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert out.shape == (1, 9)
 
 
@@ -213,3 +214,25 @@ def test_invariant_through_a_depthwise_conv():
     torch.manual_seed(0)
     check_invariant(Convs(transposed=False).eval(), torch.randn(2, 3, 8, 8),
                     SelectConfig(ratio=0.5, exclude_first=0, exclude_last=False))
+
+
+class FixedHeadCount(nn.Module):
+    """Attention whose code writes its head count as a literal: the rewrite has nothing to patch."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = (f(x).view(b, s, 4, 4).transpose(1, 2) for f in (self.q, self.k, self.v))
+        y = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(b, s, 16))
+
+
+def test_a_model_that_cannot_run_at_the_new_sizes_is_a_clear_error():
+    model = nn.Sequential(FixedHeadCount()).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="compact Sequential does not run .*could not patch"):
+        prune(model, torch.randn(2, 5, 16), config=SelectConfig(ratio=0.5, exclude_first=0, exclude_last=False))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

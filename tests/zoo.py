@@ -9,14 +9,24 @@ from transformers import (
     BertModel,
     GPT2Config,
     GPT2LMHeadModel,
+    GPTBigCodeConfig,
+    GPTBigCodeForCausalLM,
+    GPTJConfig,
+    GPTJForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     OPTConfig,
     OPTForCausalLM,
+    PhiConfig,
+    PhiForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 VOCAB = 128
@@ -55,6 +65,44 @@ def tiny_opt(layers: int = 2, attn: str = "sdpa") -> OPTForCausalLM:
                     max_position_embeddings=256, word_embed_proj_dim=64, bos_token_id=0, eos_token_id=0,
                     pad_token_id=1, attn_implementation=attn)
     return OPTForCausalLM(cfg).eval()
+
+
+def tiny_qwen3(layers: int = 2, attn: str = "sdpa") -> Qwen3ForCausalLM:
+    """QK-norm: one RMSNorm weight over head_dim, shared by every head."""
+    cfg = Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                      attn_implementation=attn)
+    return Qwen3ForCausalLM(cfg).eval()
+
+
+def tiny_phi(layers: int = 2, attn: str = "sdpa") -> PhiForCausalLM:
+    """QK LayerNorm over head_dim (weight and bias shared by the heads), partial rotary, parallel blocks."""
+    cfg = PhiConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                    num_attention_heads=4, num_key_value_heads=4, partial_rotary_factor=0.5, qk_layernorm=True,
+                    max_position_embeddings=256, attn_implementation=attn)
+    return PhiForCausalLM(cfg).eval()
+
+
+def tiny_gptj(layers: int = 2, attn: str = "eager") -> GPTJForCausalLM:
+    """Interleaved rotary (stack of the rotated pairs) on part of head_dim; eager attention only."""
+    cfg = GPTJConfig(vocab_size=VOCAB, n_embd=64, n_inner=96, n_layer=layers, n_head=4, rotary_dim=8,
+                     n_positions=256, bos_token_id=0, eos_token_id=0, attn_implementation=attn)
+    return GPTJForCausalLM(cfg).eval()
+
+
+def tiny_gpt_bigcode(layers: int = 2, attn: str = "sdpa") -> GPTBigCodeForCausalLM:
+    """Multi-query attention in one fused c_attn, split by the module's own embed_dim / kv_dim attributes."""
+    cfg = GPTBigCodeConfig(vocab_size=VOCAB, n_embd=64, n_inner=96, n_layer=layers, n_head=4, multi_query=True,
+                           n_positions=256, bos_token_id=0, eos_token_id=0, attn_implementation=attn)
+    return GPTBigCodeForCausalLM(cfg).eval()
+
+
+def tiny_mixtral(layers: int = 2) -> MixtralForCausalLM:
+    """Mixture of experts: fused 3-D expert weights routed by data (not prunable), ordinary attention."""
+    cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=256)
+    return MixtralForCausalLM(cfg).eval()
 
 
 def tiny_bert(layers: int = 2, attn: str = "sdpa") -> BertModel:
@@ -105,6 +153,10 @@ LM_ZOO = {
     "qwen2": tiny_qwen2,
     "gpt2": tiny_gpt2,
     "opt": tiny_opt,
+    "qwen3": tiny_qwen3,
+    "phi": tiny_phi,
+    "gptj": tiny_gptj,
+    "gpt_bigcode": tiny_gpt_bigcode,
 }
 
 

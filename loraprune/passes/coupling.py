@@ -7,7 +7,9 @@ atoms with the value's rank: a dim that carries channels has its full size, any 
 - equal:   two atoms must be kept or removed together (a linear's input column and the producer's row);
 - depends: a child atom exists only while its parent does (a KV head broadcast to the query heads that
            read it under GQA; a scalar gain broadcast over channels);
-- frozen:  the atom must never be removed (model inputs/outputs, ops with no rule, data-indexed rows).
+- frozen:  the atom must never be removed (model inputs/outputs, ops with no rule, data-indexed rows);
+- shared:  a tensor broadcast over a channel dim of another (a head_dim norm weight applied to every head):
+           tied like `equal` unless it meets several classes, which then share it (decided in `solve`).
 
 Relations are only recorded while walking the graph; `solve` turns them into classes in one go, so the walk
 stays linear in the graph size even for 8B-parameter shapes.
@@ -69,6 +71,8 @@ class CouplingState:
         self._frozen: list[np.ndarray] = []
         self._reduced: list[np.ndarray] = []
         self._head: list[np.ndarray] = []
+        self._shared: list[tuple[np.ndarray, np.ndarray, bool, np.ndarray, np.ndarray]] = []
+        self._splits: list[np.ndarray] = []
 
     # -- allocation -------------------------------------------------------------------------------------
     def fresh(self, shape: tuple[int, ...], origin: int = -1) -> np.ndarray:
@@ -104,14 +108,47 @@ class CouplingState:
         if summed:
             self._sum.append((pa, pb))
 
+    def equal_or_shared(self, full: np.ndarray, operand: np.ndarray, summed: bool = False) -> None:
+        """`operand` is broadcast over channel dims of `full`. If each of its channels meets one class of
+        `full` (a per-head gain over a head's channels), this is `equal`. If one channel meets several classes
+        (a head_dim norm weight shared by all heads), those classes share the operand: it is frozen and not
+        tied to them, and within each of them the channels along the operand's own dims move as one, so no
+        class can ever need a slice of the shared tensor. Classes are known only in `solve`, which decides."""
+        x, y = np.broadcast_arrays(full, operand)
+        lone = (x >= 0) != (y >= 0)
+        if lone.any():
+            self.freeze(np.where(x >= 0, x, y)[lone])
+        pa, pb = self._pairs(operand, full)
+        inside = [d for d in range(full.ndim) if operand.shape[d] > 1 and full.shape[d] > 1]
+        merged = [self._merge_pairs(full, d) for d in inside]
+        ma = np.concatenate([m[0] for m in merged]) if merged else np.zeros(0, np.int64)
+        mb = np.concatenate([m[1] for m in merged]) if merged else np.zeros(0, np.int64)
+        self._shared.append((pa, pb, summed, ma, mb))
+
+    def split_rows(self, block: np.ndarray) -> None:
+        """`block` [..., rows, row]: one channel dim viewed as (rows, row). The compact model can only shrink
+        the rows (the view's leading size: heads) or every row alike (its trailing size: GLU halves); a class
+        inside one row that shares it with others (a head in CodeGen's fixed 4 partitions) would need rows of
+        different lengths, so `solve` freezes such a block."""
+        self._splits.append(block.reshape(-1, *block.shape[-2:]))
+
+    def _rows_ok(self, block: np.ndarray) -> bool:
+        for rows in block:
+            sets = [set(row[row >= 0].tolist()) for row in rows]
+            everywhere = set.intersection(*sets) if sets else set()
+            if any(len(row) > 1 and row != everywhere for row in sets):
+                return False
+        return True
+
+    def _merge_pairs(self, atoms: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._pairs(atoms, np.take(atoms, [0], axis=axis))
+
     def merge_along(self, atoms: np.ndarray, axis: int) -> np.ndarray:
         """Channels along `axis` move as one (e.g. head_dim inside a head); returns the representatives."""
         if atoms.shape[axis] == 1:
             return atoms
-        first = np.take(atoms, [0], axis=axis)
-        pa, pb = self._pairs(atoms, first)
-        self._eq.append((pa, pb))
-        return first
+        self._eq.append(self._merge_pairs(atoms, axis))
+        return np.take(atoms, [0], axis=axis)
 
     def depends(self, child: np.ndarray, parent: np.ndarray) -> None:
         self._dep.append(self._pairs(child, parent))
@@ -147,6 +184,22 @@ class CouplingState:
         dep = np.stack([np.concatenate([p[0] for p in self._dep]), np.concatenate([p[1] for p in self._dep])], 1) \
             if self._dep else np.zeros((0, 2), np.int64)
         root = connected_components(self.count, eq_a, eq_b)
+        sums, frozen = list(self._sum), list(self._frozen)
+        if self._shared:
+            eq_a, eq_b = [eq_a], [eq_b]
+            for op, full, summed, ma, mb in self._shared:
+                pairs = np.unique(np.stack([root[op], root[full]], 1), axis=0)
+                if len(np.unique(pairs[:, 0])) == len(pairs):  # one class per operand channel: a plain tie
+                    eq_a.append(op)
+                    eq_b.append(full)
+                    if summed:
+                        sums.append((op, full))
+                else:
+                    frozen.append(op)
+                    eq_a.append(ma)
+                    eq_b.append(mb)
+            eq_a, eq_b = np.concatenate(eq_a), np.concatenate(eq_b)
+            root = connected_components(self.count, eq_a, eq_b)
         # A child that reads several parents (a query head reads its KV head's key and value) needs them all:
         # such parents are kept or removed together.
         if len(dep):
@@ -168,10 +221,12 @@ class CouplingState:
             dep = pairs[pairs[:, 0] != pairs[:, 1]]
         origin = np.concatenate(self.origin) if self.origin else np.zeros(0, np.int64)
         residual = np.zeros(self.count, dtype=bool)
-        if self._sum:
-            sa = np.concatenate([p[0] for p in self._sum])
-            sb = np.concatenate([p[1] for p in self._sum])
+        if sums:
+            sa = np.concatenate([p[0] for p in sums])
+            sb = np.concatenate([p[1] for p in sums])
             across = (origin[sa] != origin[sb]) & (origin[sa] >= 0) & (origin[sb] >= 0)
             residual[root[sa[across]]] = True
-        return Solution(root, self._flag(self._frozen, root), residual, self._flag(self._reduced, root),
+        frozen += [block.ravel() for block in self._splits
+                   if not self._rows_ok(np.where(block >= 0, root[np.maximum(block, 0)], NO_CHANNEL))]
+        return Solution(root, self._flag(frozen, root), residual, self._flag(self._reduced, root),
                         self._flag(self._head, root), dep)

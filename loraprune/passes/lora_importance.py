@@ -30,11 +30,11 @@ from loraprune.ir.groups import ChannelGroup
 from loraprune.passes.checkpointing import activation_checkpointing
 from loraprune.passes.importance import GroupScores, group_scores, index_scores, register_criterion
 from loraprune.passes.select import SelectConfig, select_units
-from loraprune.passes.verify import compare_logits, logits
+from loraprune.passes.verify import compact_logits, compare_logits, logits
 
 __all__ = ["GradientStats", "add_lora", "causal_lm_loss", "estimated_gradient", "gradient_bytes", "iterative_prune",
-           "lora_criterion", "lora_layers", "lora_prune", "lora_recover", "plain_groups", "plain_name", "plain_plan",
-           "taylor_criterion"]
+           "linear_targets", "lora_criterion", "lora_layers", "lora_prune", "lora_recover", "plain_groups",
+           "plain_name", "plain_plan", "taylor_criterion"]
 
 
 # ----------------------------------------------------------------------------------------------- LoRA plumbing
@@ -59,7 +59,7 @@ def add_lora(model: nn.Module, r: int = 8, alpha: int = 16, target: Sequence[str
              dropout: float = 0.05, seed: int | None = 0, init: str = "standard") -> nn.Module:
     """Wrap `model` in PEFT LoRA adapters (in place, as PEFT does); a PeftModel is returned as is.
 
-    `target` None means every nn.Linear / Conv1D leaf except the output head (PEFT's "all-linear"); otherwise
+    `target` None means every nn.Linear / Conv1D leaf except the output head (`linear_targets`); otherwise
     module-name suffixes such as ("q_proj", "v_proj"). Base weights are frozen. `seed` makes the factor
     initialisation reproducible without touching the global RNG. `init` is a key of `LORA_INITS`; "pissa"
     rewrites the base weights to their residual in place (copy the model first to keep it).
@@ -70,9 +70,10 @@ def add_lora(model: nn.Module, r: int = 8, alpha: int = 16, target: Sequence[str
         raise ValueError(f"unknown LoRA init {init!r}; known: {', '.join(LORA_INITS)}")
     if is_peft_model(model):
         return model
+    if target is None:
+        target = linear_targets(model)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", init_lora_weights=LORA_INITS[init],
-                        target_modules="all-linear" if target is None else list(target) if not isinstance(
-                            target, str) else target)
+                        target_modules=target if isinstance(target, str) else list(target))
     training = model.training
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
@@ -83,6 +84,26 @@ def add_lora(model: nn.Module, r: int = 8, alpha: int = 16, target: Sequence[str
         if "lora_" not in name:
             p.requires_grad_(False)
     return peft_model
+
+
+def linear_targets(model: nn.Module) -> list[str]:
+    """Every nn.Linear / HF Conv1D leaf except the output head: PEFT's "all-linear", spelled out as names.
+
+    Spelled out because PEFT resolves "all-linear" on MoE models to the fused 3-D expert tensors as well, which
+    it wraps in a ParamWrapper (no dropout allowed, and factors the criterion and the rewrite have no rule for).
+    Leaf names ("q_proj") are used where no other module shares them, full names elsewhere.
+    """
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    linear = [name for name, m in model.named_modules()
+              if (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D") and m is not head]
+    if not linear:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear / Conv1D layer to put LoRA adapters on")
+    chosen = set(linear)
+    shared = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name and name not in chosen}
+    leaves = {name.rsplit(".", 1)[-1] for name in linear}
+    return sorted(leaf for leaf in leaves if leaf not in shared) + [
+        name for name in linear if name.rsplit(".", 1)[-1] in shared]
 
 
 def _lora_linear_type():
@@ -629,7 +650,7 @@ def lora_prune(model: nn.Module, example_inputs, batches, *, ratio: float, confi
         plan, groups = plain_plan(plan), plain_groups(groups)
         kept = {plain_name(k): v for k, v in kept.items()}
     timings["rewrite"] = time.perf_counter() - start
-    check = compare_logits(reference, logits(compact, example_inputs), exact=not config.prune_hidden)
+    check = compare_logits(reference, compact_logits(compact, example_inputs), exact=not config.prune_hidden)
     if not check["ok"]:
         raise RuntimeError(f"rewrite verification failed: compact logits differ from the masked model's by "
                            f"{check['relative_diff']:.2e} (relative)")

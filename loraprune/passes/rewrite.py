@@ -31,6 +31,8 @@ ATTENTION_ATTRS = {
     "all_head_size": lambda h, kv, d: h * d,
     "split_size": lambda h, kv, d: h * d,
     "inner_dim": lambda h, kv, d: h * d,
+    "embed_dim": lambda h, kv, d: h * d,  # inside attention modules: the query width (GPTBigCode's qkv split)
+    "kv_dim": lambda h, kv, d: kv * d,
 }
 
 

@@ -142,9 +142,9 @@ def aten_pointwise_unary(ctx: RuleContext, node: Node) -> Atoms:
 def _elementwise(ctx: RuleContext, node: Node, operands: list[object], summed: bool) -> Atoms:
     out_shape = ctx.shape(node)
     nd = len(out_shape)
-    out: np.ndarray | None = None
     constants: list[tuple[int, ...]] = []
     gains: list[np.ndarray] = []
+    channels: list[np.ndarray] = []
     for arg in operands:
         atoms = ctx.joint(arg)
         if atoms is None:
@@ -155,14 +155,22 @@ def _elementwise(ctx: RuleContext, node: Node, operands: list[object], summed: b
             constants.append(shape)
         elif int(np.prod(shape)) == 1 and int(np.prod(out_shape)) > 1:
             gains.append(atoms)  # a scalar weight broadcast over channels: it does not couple them
-        elif out is None:
-            out = atoms
         else:
-            ctx.state.equal(out, atoms, summed=summed)
-            x, y = np.broadcast_arrays(out, atoms)
-            out = np.where(x >= 0, x, y)
-    if out is None:
+            channels.append(atoms)
+    if not channels:
         return gains[0] if gains else np.full((1,) * nd, NO_CHANNEL, dtype=np.int64)
+    full_shape = np.broadcast_shapes(*(a.shape for a in channels))
+    full = [a for a in channels if a.shape == full_shape]
+    out = full[0] if full else channels[0]
+    for atoms in channels:
+        if atoms is out:
+            continue
+        if full and atoms.shape != full_shape:  # broadcast over some of out's channel dims: maybe shared
+            ctx.state.equal_or_shared(out, atoms, summed=summed)
+            continue
+        ctx.state.equal(out, atoms, summed=summed)
+        x, y = np.broadcast_arrays(out, atoms)
+        out = np.where(x >= 0, x, y)
     for shape in constants:  # a constant that varies along a channel dim (rotary cos/sin): those channels move
         for d in range(nd):  # together, within each index of the other channel dims
             if shape[d] > 1 and out.shape[d] > 1:
@@ -199,10 +207,11 @@ def _reduce(ctx: RuleContext, atoms: np.ndarray, dims: list[int], keepdim: bool)
     for d in dims:
         if atoms.shape[d] == 1:
             continue  # not a channel dim: nothing is reduced over channels
-        ctx.state.mark_reduced(atoms)  # statistics over these channels change when any of them goes
         if any(s > 1 for i, s in enumerate(atoms.shape) if i != d):
-            atoms = ctx.state.merge_along(atoms, d)  # per head: its channels move as one
+            # per head (QK-norm over head_dim): its channels move as one, so a statistic loses all or none
+            atoms = ctx.state.merge_along(atoms, d)
         else:
+            ctx.state.mark_reduced(atoms)  # statistics over these channels change when any of them goes
             atoms = np.full(atoms.shape[:d] + (1,) + atoms.shape[d + 1:], NO_CHANNEL, dtype=np.int64)
     if not keepdim and dims:
         atoms = np.squeeze(atoms, axis=tuple(dims))
@@ -240,11 +249,20 @@ def aten_layer_norm(ctx: RuleContext, node: Node) -> Atoms:
     """layer_norm(input, normalized_shape, weight, bias, eps): weight and bias follow the input's channels."""
     atoms = ctx.joint(node.args[0])
     k = len(node.args[1])
-    ctx.state.mark_reduced(atoms[(0,) * (atoms.ndim - k)] if atoms.ndim > k else atoms)
+    normed = list(range(atoms.ndim - k, atoms.ndim))
+    if any(atoms.shape[d] > 1 for d in range(atoms.ndim - k)):  # per head (QK-norm): each head's channels as one
+        for d in normed:
+            atoms = np.broadcast_to(ctx.state.merge_along(atoms, d), atoms.shape)
+    else:
+        ctx.state.mark_reduced(atoms)
     for arg in node.args[2:4] if node.target.__name__.startswith("layer_norm") else node.args[2:3]:
         if isinstance(arg, Node):
-            ctx.state.equal(atoms, _pad(ctx.joint(arg), atoms.ndim))
-    return atoms
+            param = _pad(ctx.joint(arg), atoms.ndim)
+            if param.shape == atoms.shape:
+                ctx.state.equal(atoms, param)
+            else:  # one weight for every head
+                ctx.state.equal_or_shared(atoms, param)
+    return ctx.joint(node.args[0])
 
 
 @register("aten::_native_batch_norm_legit_no_training", "aten::_native_batch_norm_legit_functional",
@@ -303,6 +321,19 @@ def aten_addmm(ctx: RuleContext, node: Node) -> Atoms:
         return _matmul_weight(ctx, node, x, ctx.axis_atoms(mat2, 0), ctx.axis_atoms(mat2, 1), bias)
     out = _matmul(ctx, node, x, mat2)
     return _elementwise_with(ctx, node, out, bias)
+
+
+@register("aten::baddbmm")
+def aten_baddbmm(ctx: RuleContext, node: Node) -> Atoms:
+    """baddbmm(input, batch1, batch2): a batched product plus input. Bloom adds its ALiBi bias to the scores:
+    a computed constant that differs per head cannot be sliced with the heads, so they stay."""
+    out = _matmul(ctx, node, node.args[1], node.args[2])
+    bias, shape = ctx.joint(node.args[0]), ctx.shape(node.args[0])
+    if bias is not None and _is_constant(bias):
+        shape = (1,) * (out.ndim - len(shape)) + shape
+        if any(shape[d] > 1 and out.shape[d] > 1 for d in range(out.ndim)):
+            ctx.state.freeze(out)
+    return _elementwise_with(ctx, node, out, node.args[0])
 
 
 def _elementwise_with(ctx: RuleContext, node: Node, out: np.ndarray, other: object) -> np.ndarray:
@@ -485,6 +516,12 @@ def aten_view(ctx: RuleContext, node: Node) -> Atoms:
     for gnum, (_, gj) in enumerate(groups):
         new_shape += [dst[d] for d in gj] if varies[gnum] else [1] * len(gj)
     out = full.reshape(new_shape)
+    start = 0
+    for gnum, (gi, gj) in enumerate(groups):
+        if varies[gnum] and len(gi) == 1 and len(gj) > 1:  # one channel dim viewed as several: rows of a table
+            block = np.moveaxis(out, list(range(start, start + len(gj))), list(range(out.ndim - len(gj), out.ndim)))
+            ctx.state.split_rows(block.reshape(block.shape[:out.ndim - len(gj)] + (dst[gj[0]], -1)))
+        start += len(gj)
     for axis in range(out.ndim):  # a dim whose atoms repeat along it carries no channels of its own
         if out.shape[axis] > 1 and (out == np.take(out, [0], axis=axis)).all():
             out = np.take(out, [0], axis=axis)
@@ -610,6 +647,21 @@ def aten_cat(ctx: RuleContext, node: Node) -> Atoms:
     full = [np.broadcast_to(f, other[:dim] + (f.shape[dim],) + other[dim + 1:]) for f in full]
     out = np.concatenate(full, axis=dim)
     if (out < 0).any():  # a constant part inside a channel dim: the channels around it cannot be sliced
+        ctx.state.freeze(out)
+    return out
+
+
+@register("aten::stack")
+def aten_stack(ctx: RuleContext, node: Node) -> Atoms:
+    """stack(tensors, dim): a new dim that indexes the parts (interleaved rotary's stack((-x2, x1), -1))."""
+    nd = len(ctx.shape(node))
+    dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, nd)
+    parts = [_pad(ctx.joint(t), nd - 1) for t in node.args[0]]
+    if all(_is_constant(p) for p in parts):
+        return np.full((1,) * nd, NO_CHANNEL, dtype=np.int64)
+    other = np.broadcast_shapes(*(p.shape for p in parts))
+    out = np.stack([np.broadcast_to(p, other) for p in parts], axis=dim)
+    if (out < 0).any():  # a constant part beside channels: they cannot be sliced together
         ctx.state.freeze(out)
     return out
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["compare_logits", "logits"]
+__all__ = ["compact_logits", "compare_logits", "logits"]
 
 RELATIVE_TOLERANCE = 1e-4
 
@@ -31,6 +31,17 @@ def logits(model: nn.Module, inputs: tuple) -> torch.Tensor:
     elif isinstance(out, tuple | list):
         out = out[0]
     return out.detach().float()
+
+
+def compact_logits(model: nn.Module, inputs: tuple) -> torch.Tensor:
+    """`logits` of a rewritten model. A forward that fails at the new sizes means the model's code fixes a size
+    the rewrite cannot patch (a literal partition count, say): a clear error, not a stray shape message."""
+    try:
+        return logits(model, inputs)
+    except (RuntimeError, ValueError, IndexError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise RuntimeError(f"rewrite verification failed: the compact {type(model).__name__} does not run "
+                           f"({first}); its code fixes a size that the rewrite could not patch") from err
 
 
 def compare_logits(reference: torch.Tensor, compact: torch.Tensor, exact: bool = True) -> dict:
