@@ -144,7 +144,7 @@ def _elementwise(ctx: RuleContext, node: Node, operands: list[object], summed: b
     nd = len(out_shape)
     constants: list[tuple[int, ...]] = []
     gains: list[np.ndarray] = []
-    channels: list[np.ndarray] = []
+    channels: list[tuple[np.ndarray, tuple[int, ...]]] = []
     for arg in operands:
         atoms = ctx.joint(arg)
         if atoms is None:
@@ -156,21 +156,28 @@ def _elementwise(ctx: RuleContext, node: Node, operands: list[object], summed: b
         elif int(np.prod(shape)) == 1 and int(np.prod(out_shape)) > 1:
             gains.append(atoms)  # a scalar weight broadcast over channels: it does not couple them
         else:
-            channels.append(atoms)
+            channels.append((atoms, shape))
     if not channels:
         return gains[0] if gains else np.full((1,) * nd, NO_CHANNEL, dtype=np.int64)
-    full_shape = np.broadcast_shapes(*(a.shape for a in channels))
-    full = [a for a in channels if a.shape == full_shape]
-    out = full[0] if full else channels[0]
-    for atoms in channels:
-        if atoms is out:
+    widest = np.broadcast_shapes(*(a.shape for a, _ in channels))
+    # a tensor of size 1 along a dim where another operand has channels is broadcast over them (a head_dim
+    # norm weight over the heads); atoms of size 1 alone mean unknown channels, which must stay tied
+    shared = [any(shape[d] == 1 < widest[d] for d in range(nd)) for _, shape in channels]
+    if all(shared):
+        shared = [False] * len(channels)
+    out = None
+    for (atoms, _), broadcast in zip(channels, shared, strict=True):
+        if broadcast:
             continue
-        if full and atoms.shape != full_shape:  # broadcast over some of out's channel dims: maybe shared
-            ctx.state.equal_or_shared(out, atoms, summed=summed)
+        if out is None:
+            out = atoms
             continue
         ctx.state.equal(out, atoms, summed=summed)
         x, y = np.broadcast_arrays(out, atoms)
         out = np.where(x >= 0, x, y)
+    for (atoms, _), broadcast in zip(channels, shared, strict=True):
+        if broadcast:
+            ctx.state.equal_or_shared(out, atoms, summed=summed)
     for shape in constants:  # a constant that varies along a channel dim (rotary cos/sin): those channels move
         for d in range(nd):  # together, within each index of the other channel dims
             if shape[d] > 1 and out.shape[d] > 1:
