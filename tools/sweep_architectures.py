@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -101,7 +102,8 @@ def sweep_one(name: str) -> dict:
             row["ort_max_abs_diff"] = max(ort_difference(m, Path(tmp)) for m in (result.model, lora.model))
         row["status"] = "ok"
     except Exception as err:  # a row per failure: the sweep reports, it does not stop
-        row["status"] = f"failed at {stage}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).splitlines()[0] if str(err) else ""  # no terminal colours
+        row["status"] = f"failed at {stage}: {type(err).__name__}: {first}"
     return row
 
 
