@@ -7,7 +7,7 @@ import onnx
 import pytest
 import torch
 from torch import nn
-from zoo import tiny_gpt2, tiny_llama, tiny_mistral, tiny_qwen2, token_ids
+from zoo import tiny_gpt2, tiny_llama, tiny_mistral, tiny_mixtral, tiny_qwen2, token_ids
 
 from loraprune.runtime import attention
 from loraprune.runtime.attention import FUSED, read_attention_plan
@@ -302,3 +302,17 @@ def test_fp16_external_data_export_leaves_model_alone(tmp_path):
     assert {i.type for i in sess.get_inputs() if i.name.startswith("past_")} == {"tensor(float16)"}
     ids = token_ids(1, 4).numpy()
     assert ort_generate(None, sess, ids, 3).shape == (1, 7)
+
+
+def test_mixture_of_experts_exports_and_keeps_its_own_kernel(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_mixtral()
+    kernel = model.config._experts_implementation
+    sess = make_session(export_prefill(model, tmp_path / "moe.onnx"), threads=1)
+    assert model.config._experts_implementation == kernel  # switched for the export only
+    ids = token_ids(2, 7, seed=3)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits.numpy()
+    (got,) = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)

@@ -144,11 +144,33 @@ def _traceable(model: nn.Module, fp16: bool) -> Iterator[nn.Module]:
     was_training = model.training
     try:
         if fp16 and next(model.parameters()).dtype != torch.float16:
-            yield copy.deepcopy(model).to(torch.float16).eval()
+            traced = copy.deepcopy(model).to(torch.float16).eval()
         else:
-            yield model.eval()
+            traced = model.eval()
+        with _exportable_experts(traced):
+            yield traced
     finally:
         model.train(was_training)
+
+
+# transformers' default MoE kernel (grouped_mm) is a custom op that torch.onnx cannot convert; the batched form
+# (each token gathers its experts' weights) is plain Gather + MatMul and computes the same.
+_EXPORT_EXPERTS = "batched_mm"
+
+
+@contextmanager
+def _exportable_experts(model: nn.Module) -> Iterator[None]:
+    """Mixture-of-experts layers in their exportable form while tracing; the model's own choice comes back."""
+    can_set = getattr(model, "_can_set_experts_implementation", None)
+    before = getattr(getattr(model, "config", None), "_experts_implementation", None)
+    if not callable(can_set) or not can_set() or before in (None, _EXPORT_EXPERTS):
+        yield
+        return
+    model.set_experts_implementation(_EXPORT_EXPERTS)
+    try:
+        yield
+    finally:
+        model.set_experts_implementation(before)
 
 
 @contextmanager
