@@ -6,7 +6,8 @@ pruning as an outside reference.
 
 Protocol. Perplexity: design.md's (held-out windows of 256 tokens, the first 64, count reported).
 Fine-tuning budget, identical for every criterion: `--steps` AdamW steps on LoRA factors (r=8, alpha=16, all
-linear layers), `--batch` windows of `--window` tokens of the training split per step, lr `--lr`, seed 0.
+linear layers), `--batch` windows of `--window` tokens of the training split per step, lr `--lr`, `--seed`
+(LoRA factors, dropout, criterion randomness; the data order is fixed).
 "lora + recovery" is LoRAPrune's schedule (masks grow on the cubic schedule during those steps); the other
 criteria prune one-shot and then fine-tune the compact model with `lora_recover` for the same steps. One-shot
 gradient criteria (lora, taylor) score on the first `--calib` training batches. Scoring memory and time: each
@@ -135,14 +136,14 @@ def quality(args, out: Path) -> dict:
     loaded, corpus, batches, evals, example = _setup(args)
     dense = loaded.model
     analysis = analyze(dense, (example,))
-    lora_kwargs = {"steps": args.steps, "lr": args.lr, "seed": 0, "batch_size": args.batch, "progress": True,
+    lora_kwargs = {"steps": args.steps, "lr": args.lr, "seed": args.seed, "batch_size": args.batch, "progress": True,
                    "init": args.lora_init}
     dense_ppl = perplexity(dense, evals)
     rows = []
     cells = [(r, c) for r in args.ratios for c in args.criteria]
     for ratio, criterion in tqdm(cells, desc="quality"):
         one_shot = prune(dense, example, ratio=ratio, criterion=criterion, analysis=analysis,
-                         batches=batches[: args.calib], seed=0, criterion_options={"init": args.lora_init})
+                         batches=batches[: args.calib], seed=args.seed, criterion_options={"init": args.lora_init})
         ppl_one_shot = perplexity(one_shot.model, evals).ppl
         start = time.perf_counter()
         if criterion == "lora":
@@ -198,8 +199,9 @@ def _markdown(results: dict, args) -> str:
         lines += [f"Held-out perplexity ({q['eval_windows']} windows x {q['eval_window_len']} tokens of "
                   f"{q['corpus']}); dense: **{q['dense_ppl']:.2f}** ({q['params_dense'] / 1e6:.1f}M params). "
                   f"Fine-tuning budget: {args.steps} steps x {args.batch}x{args.window} tokens, LoRA r=8 "
-                  f"({args.lora_init} init), lr {args.lr}; lora schedule cool-down {args.cooldown:g}, score average "
-                  f"lam {args.lam:g}; one-shot gradient criteria use {args.calib} batches.", "",
+                  f"({args.lora_init} init), lr {args.lr}, seed {args.seed}; lora schedule cool-down "
+                  f"{args.cooldown:g}, score average lam {args.lam:g}; one-shot gradient criteria use {args.calib} "
+                  "batches.", "",
                   "| ratio | criterion | params | ppl one-shot | ppl with LoRA recovery | fine-tune s |",
                   "|---:|---|---:|---:|---:|---:|"]
         for r in q["rows"]:
@@ -278,6 +280,7 @@ def main() -> None:
     parser.add_argument("--cooldown", type=float, default=0.5, help="share of the lora steps after the last cut")
     parser.add_argument("--lam", type=float, default=0.9, help="lora schedule: moving average of the scores")
     parser.add_argument("--lora-init", choices=sorted(LORA_INITS), default="pissa")
+    parser.add_argument("--seed", type=int, default=0, help="LoRA factors, dropout and criterion randomness")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--scoring-runs", type=int, default=3)
     parser.add_argument("--tp-limit", type=float, default=300.0)
