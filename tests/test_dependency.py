@@ -116,6 +116,42 @@ def test_per_head_gain_is_sliced_with_its_head_and_a_shared_scale_is_not():
     assert result.model[0].gain.shape == (2, 1, 1) and torch.equal(result.model[0].scale, model[0].scale)
 
 
+class FixedPartitions(nn.Module):
+    """Heads laid out in 2 partitions written as a literal (CodeGen's mp_num style), 2 heads in each."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_heads = 4
+        self.qkv, self.out = nn.Linear(16, 48), nn.Linear(16, 16)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        parts = self.qkv(x).view(b, s, 2, -1)
+        q, k, v = (t.reshape(b, s, -1, 4).transpose(1, 2) for t in parts.split(8, dim=-1))
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.out(y.transpose(1, 2).reshape(b, s, -1))
+
+
+def test_heads_inside_fixed_partitions_stay_whole():
+    """A view into partitions that each hold several heads could only shrink them all alike: the split-view
+    check freezes those heads rather than let one partition lose a head."""
+    model = nn.Sequential(FixedPartitions()).eval()
+    a = analyze(model, torch.randn(2, 5, 16))
+    assert not kinds(a, "attention")
+    assert not [p for g in a.groups for p, _ in g.members if "qkv" in p]
+
+
+def test_bloom_alibi_keeps_heads_whole_by_rule_not_by_omission():
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    model = BloomForCausalLM(BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4)).eval()
+    a = analyze(model, token_ids())
+    assert not a.frozen and not kinds(a, "attention")  # baddbmm has a rule: ALiBi differs per head
+    assert len(kinds(a, "mlp")) == 2
+    prune(model, token_ids(), config=SelectConfig(ratio=0.5, exclude_first=0, exclude_last=False))
+
+
 def test_mixture_of_experts_keeps_its_routed_experts_and_prunes_attention():
     model = tiny_mixtral()
     a = analyze(model, token_ids())
