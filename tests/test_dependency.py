@@ -141,6 +141,58 @@ def test_heads_inside_fixed_partitions_stay_whole():
     assert not [p for g in a.groups for p, _ in g.members if "qkv" in p]
 
 
+def test_falcon_qkv_laid_out_per_kv_group_is_pruned_by_heads_and_by_groups():
+    """Falcon views its fused qkv as [kv groups, query heads + K + V, head_dim] and picks K and V by a constant
+    index: each row of that view is one KV group, so its heads stay prunable in both attention modes."""
+    model = LM_ZOO["falcon"]()
+    a = analyze(model, token_ids())
+    g = kinds(a, "attention")[0]
+    qkv = (g.name + ".query_key_value.weight", 0)
+    # rows per KV group: 2 query heads of 16, then K, then V; query rows belong to heads, K/V rows to KV units
+    assert g.members[qkv].tolist() == [h // 16 if h < 32 else -1 for h in range(64)] + [
+        2 + h // 16 if h < 32 else -1 for h in range(64)]
+    assert g.kv_members[qkv].tolist() == [-1] * 32 + [0] * 32 + [-1] * 32 + [1] * 32
+    cfg = dict(ratio=0.5, exclude_first=0, exclude_last=False)
+    for attention, heads, kv in (("query_heads", 2, 2), ("kv_groups", 2, 1)):
+        compact = prune(model, token_ids(), config=SelectConfig(attention=attention, **cfg)).model
+        attn = compact.transformer.h[0].self_attention
+        assert (attn.num_heads, attn.num_kv_heads, attn.query_key_value.out_features) == (heads, kv,
+                                                                                             (heads + 2 * kv) * 16)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_multi_query_key_broadcast_over_the_heads_is_a_copy_not_a_tie(attn):
+    """Falcon-7B's multi-query eager attention multiplies 4 query heads by one K head broadcast along the head
+    dim: like repeat_kv, the heads read copies of K, so they stay separate units of one KV group."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    cfg = FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=True,
+                       attn_implementation=attn)
+    model = FalconForCausalLM(cfg).eval()
+    a = analyze(model, token_ids())
+    assert [(g.num_units, g.num_kv_units, g.unit_size) for g in kinds(a, "attention")] == [(4, 1, 16)] * 2
+    config = SelectConfig(ratio=0.5, attention="query_heads", exclude_first=0, exclude_last=False)
+    compact = prune(model, token_ids(), config=config).model
+    assert compact.transformer.h[0].self_attention.query_key_value.out_features == (2 + 2) * 16
+
+
+class GatherByInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x, positions):
+        return self.down(self.up(x)[..., positions])
+
+
+def test_index_by_positions_known_only_at_run_time_is_frozen_and_reported():
+    a = analyze(GatherByInput(), (torch.randn(2, 8), torch.arange(16)))
+    assert [(f.op, f.reason.split(" (")[0]) for f in a.frozen] == [("aten::index.Tensor",
+                                                                     "indices computed at run time")]
+    assert not a.groups
+
+
 def test_bloom_alibi_keeps_heads_whole_by_rule_not_by_omission():
     from transformers import BloomConfig, BloomForCausalLM
 

@@ -7,6 +7,8 @@ from torch import nn
 from transformers import (
     BertConfig,
     BertModel,
+    FalconConfig,
+    FalconForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     GPTBigCodeConfig,
@@ -97,6 +99,15 @@ def tiny_gpt_bigcode(layers: int = 2, attn: str = "sdpa") -> GPTBigCodeForCausal
     return GPTBigCodeForCausalLM(cfg).eval()
 
 
+def tiny_falcon(layers: int = 2, attn: str = "sdpa") -> FalconForCausalLM:
+    """Falcon's new decoder: one fused qkv laid out per KV group (its query heads, then K, then V), K and V
+    picked out by a constant index list, parallel attention and MLP."""
+    cfg = FalconConfig(vocab_size=VOCAB, hidden_size=64, ffn_hidden_size=96, num_hidden_layers=layers,
+                       num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True,
+                       max_position_embeddings=256, attn_implementation=attn)
+    return FalconForCausalLM(cfg).eval()
+
+
 def tiny_mixtral(layers: int = 2) -> MixtralForCausalLM:
     """Mixture of experts: fused 3-D expert weights routed by data (not prunable), ordinary attention."""
     cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
@@ -157,6 +168,7 @@ LM_ZOO = {
     "phi": tiny_phi,
     "gptj": tiny_gptj,
     "gpt_bigcode": tiny_gpt_bigcode,
+    "falcon": tiny_falcon,
 }
 
 

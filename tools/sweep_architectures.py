@@ -50,6 +50,7 @@ ARCHITECTURES = {
     "Starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(num_key_value_heads=2)),
     "SmolLM3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(num_key_value_heads=2, no_rope_layer_interval=2)),
     "Falcon": ("FalconConfig", "FalconForCausalLM", dict(new_decoder_architecture=True, num_kv_heads=2)),
+    "Falcon-MQA": ("FalconConfig", "FalconForCausalLM", dict(multi_query=True, parallel_attn=True)),
     "Bloom": ("BloomConfig", "BloomForCausalLM", dict(n_head=4, n_layer=2)),
     "GPTBigCode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", dict(GPT_STYLE, multi_query=True)),
     "GPTJ": ("GPTJConfig", "GPTJForCausalLM", dict(GPT_STYLE, rotary_dim=8)),

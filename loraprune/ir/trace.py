@@ -48,6 +48,7 @@ class TracedProgram:
     param_of_input: dict[str, str]  # graph placeholder name -> state_dict name of the original model
     aliases: dict[str, list[str]]  # state_dict name -> all state_dict names sharing that tensor (tied weights)
     user_inputs: list[str] = field(default_factory=list)
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)  # placeholder name -> lifted tensor constant
 
     @property
     def graph(self) -> torch.fx.Graph:
@@ -83,4 +84,6 @@ def trace(model: nn.Module, example_inputs: tuple | torch.Tensor) -> TracedProgr
         if target is not None and spec.kind.name in ("PARAMETER", "BUFFER"):
             param_of_input[spec.arg.name] = target[len(prefix):] if target.startswith(prefix) else target
     user_inputs = [spec.arg.name for spec in signature.input_specs if spec.kind.name == "USER_INPUT"]
-    return TracedProgram(exported, param_of_input, _alias_table(model), user_inputs)
+    constants = {spec.arg.name: exported.constants[spec.target] for spec in signature.input_specs
+                 if spec.kind.name == "CONSTANT_TENSOR" and spec.target in exported.constants}
+    return TracedProgram(exported, param_of_input, _alias_table(model), user_inputs, constants)

@@ -129,15 +129,20 @@ class CouplingState:
         """`block` [..., rows, row]: one channel dim viewed as (rows, row). The compact model can only shrink
         the rows (the view's leading size: heads) or every row alike (its trailing size: GLU halves); a class
         inside one row that shares it with others (a head in CodeGen's fixed 4 partitions) would need rows of
-        different lengths, so `solve` freezes such a block."""
+        different lengths, so `solve` freezes such a block. One exception: a row that is one KV group (a KV
+        head and the query heads that read it, Falcon's fused qkv) shrinks alike, because selection removes the
+        same number of query heads from every KV group."""
         self._splits.append(block.reshape(-1, *block.shape[-2:]))
 
-    def _rows_ok(self, block: np.ndarray) -> bool:
+    @staticmethod
+    def _rows_ok(block: np.ndarray, parent: dict[int, int]) -> bool:
         for rows in block:
             sets = [set(row[row >= 0].tolist()) for row in rows]
             everywhere = set.intersection(*sets) if sets else set()
-            if any(len(row) > 1 and row != everywhere for row in sets):
-                return False
+            for row in sets:
+                kv_group = not everywhere and any(all(parent.get(c) == p for c in row - {p}) for p in row)
+                if len(row) > 1 and row != everywhere and not kv_group:
+                    return False
         return True
 
     def _merge_pairs(self, atoms: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -226,7 +231,8 @@ class CouplingState:
             sb = np.concatenate([p[1] for p in sums])
             across = (origin[sa] != origin[sb]) & (origin[sa] >= 0) & (origin[sb] >= 0)
             residual[root[sa[across]]] = True
+        parent = {int(c): int(p) for c, p in dep}
         frozen += [block.ravel() for block in self._splits
-                   if not self._rows_ok(np.where(block >= 0, root[np.maximum(block, 0)], NO_CHANNEL))]
+                   if not self._rows_ok(np.where(block >= 0, root[np.maximum(block, 0)], NO_CHANNEL), parent)]
         return Solution(root, self._flag(frozen, root), residual, self._flag(self._reduced, root),
                         self._flag(self._head, root), dep)

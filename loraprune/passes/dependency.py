@@ -56,7 +56,7 @@ def _walk(program: TracedProgram, state: CouplingState):
     param_atoms: dict[tuple[str, int], np.ndarray] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     reports: list[tuple[str, str, str, np.ndarray]] = []
-    ctx = RuleContext(state, atoms)
+    ctx = RuleContext(state, atoms, program.constants)
     # Channels summed from two producers are a residual join, unless both producers are parts of one layer
     # (a PEFT LoRA branch adds onto its base layer's output).
     owners = {name: re.sub(r"\.(base_layer|lora_[A-Za-z_]+\.[^.]+)(?=\.)", "", name).rsplit(".", 1)[0]

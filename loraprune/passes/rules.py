@@ -57,11 +57,20 @@ def op_key(node: Node) -> str:
 
 
 class RuleContext:
-    """What a rule may see: the atoms and static shapes of values, and the coupling state to record into."""
+    """What a rule may see: the atoms and static shapes of values, the values of the program's tensor constants,
+    and the coupling state to record into."""
 
-    def __init__(self, state: CouplingState, atoms: dict[str, Atoms]) -> None:
+    def __init__(self, state: CouplingState, atoms: dict[str, Atoms],
+                 constants: dict[str, torch.Tensor] | None = None) -> None:
         self.state = state
         self.atoms = atoms
+        self.constants = constants or {}
+
+    def constant(self, arg: object) -> torch.Tensor | None:
+        """The value of a tensor constant of the program (followed through copies), None if computed."""
+        while isinstance(arg, Node) and arg.op == "call_function" and op_key(arg) in _COPIES:
+            arg = arg.args[0]
+        return self.constants.get(arg.name) if isinstance(arg, Node) and arg.op == "placeholder" else None
 
     @staticmethod
     def shape(arg: object) -> tuple[int, ...]:
@@ -123,6 +132,9 @@ def _norm_dim(dim: int, ndim: int) -> int:
 # ---------------------------------------------------------------------------------------------------------
 # Values that pass channels through unchanged
 # ---------------------------------------------------------------------------------------------------------
+_COPIES = ("aten::clone", "aten::alias", "aten::lift_fresh_copy", "aten::_to_copy", "aten::contiguous")
+
+
 @register("aten::clone", "aten::alias", "aten::contiguous", "aten::_to_copy", "aten::to.dtype",
           "aten::to.dtype_layout", "aten::to.device", "aten::dropout", "aten::detach", "aten::lift_fresh_copy",
           "aten::relu", "aten::silu", "aten::gelu", "aten::tanh", "aten::sigmoid", "aten::neg", "aten::exp",
@@ -368,7 +380,14 @@ def _matmul(ctx: RuleContext, node: Node, a: Node, b: Node) -> np.ndarray:
     if len(sa) < 2 or len(sb) < 2:
         raise NoRule("matmul with a 1-D operand")
     nd = len(ctx.shape(node))
+    sa, sb = (1,) * (nd - len(sa)) + sa, (1,) * (nd - len(sb)) + sb
     xa, xb = _pad(ctx.joint(a), nd), _pad(ctx.joint(b), nd)
+    # a batch dim of size 1 against channels of the other operand (heads) is broadcast like repeat_kv
+    # (multi-query K and V): copies that depend on their source, not ties to it
+    def against(size: tuple[int, ...], other: np.ndarray) -> tuple[int, ...]:
+        return tuple(other.shape[d] if d < nd - 2 and size[d] == 1 else size[d] for d in range(nd))
+
+    xa, xb = _broadcast_copies(ctx, xa, sa, against(sa, xb)), _broadcast_copies(ctx, xb, sb, against(sb, xa))
     ka, kb = xa, np.swapaxes(xb, -1, -2)  # both [..., *, k]
     k = sa[-1]
     ka_full = np.broadcast_to(ka, ka.shape[:-1] + (k,)) if ka.shape[-1] == 1 else ka
@@ -574,8 +593,11 @@ def aten_squeeze(ctx: RuleContext, node: Node) -> Atoms:
 @register("aten::expand", "aten::expand_copy")
 def aten_expand(ctx: RuleContext, node: Node) -> Atoms:
     """expand: a broadcast copy. Copies of channels (repeat_kv under GQA) depend on their source channel."""
-    atoms = ctx.joint(node.args[0])
-    src, dst = ctx.shape(node.args[0]), ctx.shape(node)
+    return _broadcast_copies(ctx, ctx.joint(node.args[0]), ctx.shape(node.args[0]), ctx.shape(node))
+
+
+def _broadcast_copies(ctx: RuleContext, atoms: np.ndarray, src: tuple[int, ...], dst: tuple[int, ...]) -> np.ndarray:
+    """Atoms of a tensor of shape `src` broadcast to `dst`: the copies along grown dims depend on their source."""
     atoms = _pad(atoms, len(dst))
     src = (1,) * (len(dst) - len(src)) + src
     grown = [d for d in range(len(dst)) if src[d] == 1 and dst[d] > 1]
@@ -610,6 +632,22 @@ def aten_select_int(ctx: RuleContext, node: Node) -> Atoms:
     dim = _norm_dim(node.args[1], atoms.ndim)
     index = int(node.args[2]) if atoms.shape[dim] > 1 else 0
     return np.take(atoms, index, axis=dim)
+
+
+@register("aten::index.Tensor")
+def aten_index_tensor(ctx: RuleContext, node: Node) -> Atoms:
+    """index(self, indices): a constant list of positions along one dim (Falcon's qkv[..., [-2], :] picks K)."""
+    atoms = ctx.joint(node.args[0])
+    picks = [(d, i) for d, i in enumerate(node.args[1]) if i is not None]
+    if len(picks) != 1:
+        raise NoRule("more than one indexed dim")
+    dim, index = picks[0]
+    values = ctx.constant(index)
+    if values is None or values.dim() != 1 or values.dtype in (torch.bool, torch.uint8):
+        raise NoRule("indices computed at run time (only a constant 1-D list of positions has a rule)")
+    if atoms.shape[dim] == 1:
+        return atoms
+    return np.take(atoms, values.numpy() % ctx.shape(node.args[0])[dim], axis=dim)
 
 
 @register("aten::split.Tensor", "aten::split_with_sizes", "aten::unbind.int", "aten::chunk",
