@@ -316,3 +316,24 @@ def test_mixture_of_experts_exports_and_keeps_its_own_kernel(tmp_path):
         ref = model(input_ids=ids, attention_mask=mask).logits.numpy()
     (got,) = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_sdpa_with_one_broadcast_kv_head_exports_as_one_kv_group(tmp_path):
+    """Falcon's multi-query attention calls SDPA with one K/V head broadcast over the query heads; traced with
+    enable_gqa it becomes one fused Attention node per layer (one KV group), and torch's SDPA is itself again
+    afterwards."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    model = FalconForCausalLM(FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, multi_query=True)).eval()
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    path = export_prefill(model, tmp_path / "mqa.onnx")
+    assert torch.nn.functional.scaled_dot_product_attention is sdpa
+    assert [n.op_type for n in onnx.load(str(path)).graph.node].count("Attention") == 2
+    ids = token_ids(2, 7, seed=3)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits.numpy()
+    (got,) = make_session(path, threads=1).run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import onnx
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
@@ -174,6 +175,25 @@ def _exportable_experts(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
+def _broadcast_kv_as_gqa() -> Iterator[None]:
+    """While tracing, an SDPA call with one K/V head broadcast over several query heads (Falcon's multi-query
+    attention calls it directly) is made with `enable_gqa`: the same result, and a form torch's ONNX converter
+    takes (one KV group), where it refuses unequal head counts without the flag."""
+    sdpa = F.scaled_dot_product_attention
+
+    def call(query, key, value, *args, **kwargs):
+        if len(args) < 5 and query.dim() == 4 and key.shape[1] == value.shape[1] == 1 < query.shape[1]:
+            kwargs["enable_gqa"] = True
+        return sdpa(query, key, value, *args, **kwargs)
+
+    F.scaled_dot_product_attention = call
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = sdpa
+
+
+@contextmanager
 def staged_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a path of the same name inside a hidden staging folder beside ``path``.
 
@@ -205,7 +225,7 @@ def _export(wrapper: nn.Module, args: tuple, dynamic_shapes: tuple, input_names:
     """torch.onnx.export with attention routed per layer, save (external data: forced, refused, or None =
     only past 2 GB) with the routing decisions as metadata, check, move."""
     path = Path(path)
-    with staged_output(path) as staged, routed_attention(wrapper.model, opset) as decisions:
+    with staged_output(path) as staged, routed_attention(wrapper.model, opset) as decisions, _broadcast_kv_as_gqa():
         with torch.no_grad():
             try:
                 program = torch.onnx.export(
