@@ -186,11 +186,41 @@ class GatherByInput(nn.Module):
         return self.down(self.up(x)[..., positions])
 
 
-def test_index_by_positions_known_only_at_run_time_is_frozen_and_reported():
+class GatherTokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x, tokens):
+        return self.down(torch.relu(self.up(x))[tokens])
+
+
+def test_index_picks_channels_only_by_constant_positions_and_tokens_by_any():
+    """Channels picked by positions known only at run time cannot be sliced; rows (tokens, as MoE routing
+    gathers them) picked that way leave the channels as they are."""
     a = analyze(GatherByInput(), (torch.randn(2, 8), torch.arange(16)))
-    assert [(f.op, f.reason.split(" (")[0]) for f in a.frozen] == [("aten::index.Tensor",
-                                                                     "indices computed at run time")]
+    assert [(f.op, f.reason.split(" (")[0]) for f in a.frozen] == [
+        ("aten::index.Tensor", "channels picked by indices computed at run time")]
     assert not a.groups
+    a = analyze(GatherTokens(), (torch.randn(6, 8), torch.tensor([4, 0, 2])))
+    assert not a.frozen and [g.num_units for g in a.groups] == [16]
+
+
+def test_attention_sinks_reduced_with_max_keep_heads_prunable():
+    """GPT-OSS appends a learned sink logit per head and subtracts the row max (aten::max.dim) before softmax:
+    the sinks are sliced with their heads."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(0)
+    cfg = GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                       num_experts_per_tok=2, sliding_window=8, max_position_embeddings=256)
+    model = GptOssForCausalLM(cfg).eval()
+    a = analyze(model, token_ids())
+    g = kinds(a, "attention")[0]
+    assert g.num_units == 4 and (g.name + ".sinks", 0) in g.members
+    result = prune(model, token_ids(), config=SelectConfig(ratio=0.5, exclude_first=0, exclude_last=False))
+    assert result.model.model.layers[0].self_attn.sinks.shape == (2,)
 
 
 def test_bloom_alibi_keeps_heads_whole_by_rule_not_by_omission():

@@ -282,6 +282,25 @@ def test_lora_on_a_mixture_of_experts_adapts_the_linear_layers_and_prunes_attent
         assert compact[key].shape == dense[key].shape
 
 
+class FlippedLM(torch.nn.Module):
+    """A causal LM whose only hidden channels pass through an op with no rule: nothing can be pruned."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(128, 16)
+        self.up, self.head = torch.nn.Linear(16, 32), torch.nn.Linear(32, 128)
+
+    def forward(self, input_ids):
+        return self.head(torch.flip(self.up(torch.flip(self.embed(input_ids), dims=[-1])), dims=[-1]))
+
+
+def test_lora_prune_of_a_model_with_nothing_prunable_says_so():
+    batches = [token_ids(2, 16, seed=s) for s in range(2)]
+    with pytest.raises(ValueError, match="nothing to prune in FlippedLM: the dependency pass found no group"):
+        lora_prune(FlippedLM(), token_ids(), batches, ratio=0.5, steps=2, progress=False, count_macs=False,
+                   target=["up"])
+
+
 _PEAK_SCRIPT = """
 import json, sys
 import torch

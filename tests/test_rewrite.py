@@ -236,3 +236,17 @@ def test_a_model_that_cannot_run_at_the_new_sizes_is_a_clear_error():
     with pytest.raises(RuntimeError, match="compact Sequential does not run .*could not patch"):
         prune(model, torch.randn(2, 5, 16), config=SelectConfig(ratio=0.5, exclude_first=0, exclude_last=False))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_heads_merged_by_a_per_head_constant_keep_their_count():
+    """MPT adds an ALiBi bias that differs per head, so its heads move as one unit that is never pruned: the
+    rewrite must leave the head count alone (not set it to the one unit) while the MLP channels go."""
+    from transformers import MptConfig, MptForCausalLM
+
+    torch.manual_seed(0)
+    model = MptForCausalLM(MptConfig(vocab_size=128, d_model=64, n_heads=4, n_layers=2, expansion_ratio=2)).eval()
+    config = SelectConfig(ratio=0.5, exclude_first=0, exclude_last=False)
+    result = check_invariant(model, token_ids(), config)
+    assert [g.num_units for g in result.groups if g.kind == "attention"] == [1, 1]
+    assert result.model.transformer.blocks[0].attn.n_heads == 4 and result.model.config.n_heads == 4
+    assert result.model.transformer.blocks[0].ffn.up_proj.out_features == 128

@@ -183,6 +183,12 @@ class CouplingState:
             flag[root[np.concatenate(parts)]] = True
         return flag
 
+    @staticmethod
+    def _dep_pairs(dep: np.ndarray, root: np.ndarray) -> np.ndarray:
+        """Distinct (child class, parent class) pairs of the dependencies, a class never its own parent."""
+        pairs = np.unique(np.stack([root[dep[:, 0]], root[dep[:, 1]]], 1), axis=0)
+        return pairs[pairs[:, 0] != pairs[:, 1]]
+
     def solve(self) -> Solution:
         eq_a = np.concatenate([p[0] for p in self._eq]) if self._eq else np.zeros(0, np.int64)
         eq_b = np.concatenate([p[1] for p in self._eq]) if self._eq else np.zeros(0, np.int64)
@@ -205,14 +211,20 @@ class CouplingState:
                     eq_b.append(mb)
             eq_a, eq_b = np.concatenate(eq_a), np.concatenate(eq_b)
             root = connected_components(self.count, eq_a, eq_b)
-        # A child that reads several parents (a query head reads its KV head's key and value) needs them all:
-        # such parents are kept or removed together.
         if len(dep):
-            pairs = np.unique(np.stack([root[dep[:, 0]], root[dep[:, 1]]], 1), axis=0)
-            pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+            # A parent read by one child only (a per-head sink logit broadcast over batch and positions) is
+            # that child's own channel, not a KV head shared by several: they are tied.
+            pairs = self._dep_pairs(dep, root)
+            parents, children = np.unique(pairs[:, 1], return_counts=True)
+            single = pairs[np.isin(pairs[:, 1], parents[children == 1])]
+            if len(single):
+                eq_a, eq_b = np.concatenate([eq_a, single[:, 0]]), np.concatenate([eq_b, single[:, 1]])
+                root = connected_components(self.count, eq_a, eq_b)
+            # A child that reads several parents (a query head reads its KV head's key and value) needs them
+            # all: such parents are kept or removed together.
             first_parent = {}
             extra_a, extra_b = [], []
-            for child, parent in pairs:
+            for child, parent in self._dep_pairs(dep, root):
                 if child in first_parent:
                     extra_a.append(first_parent[child])
                     extra_b.append(parent)
@@ -222,8 +234,7 @@ class CouplingState:
                 eq_a = np.concatenate([eq_a, np.array(extra_a)])
                 eq_b = np.concatenate([eq_b, np.array(extra_b)])
                 root = connected_components(self.count, eq_a, eq_b)
-            pairs = np.unique(np.stack([root[dep[:, 0]], root[dep[:, 1]]], 1), axis=0)
-            dep = pairs[pairs[:, 0] != pairs[:, 1]]
+            dep = self._dep_pairs(dep, root)
         origin = np.concatenate(self.origin) if self.origin else np.zeros(0, np.int64)
         residual = np.zeros(self.count, dtype=bool)
         if sums:

@@ -517,6 +517,10 @@ def iterative_prune(model: nn.Module, analysis, batches, *, ratio: float, config
         raise ValueError(f"update_every must be >= 1, got {update_every}")
     config = dataclasses.replace(config or SelectConfig(), ratio=ratio)
     groups = analysis.groups
+    if not any(g.num_units > 1 for g in groups):
+        name = type(model.get_base_model() if is_peft_model(model) else model).__name__
+        raise ValueError(f"nothing to prune in {name}: the dependency pass found no group of "
+                         f"prunable units ({len(analysis.frozen)} frozen reports say why)")
     batches = _as_batches(batches, batch_size)
     layers = lora_layers(model)
     if not layers:

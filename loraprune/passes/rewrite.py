@@ -76,7 +76,8 @@ def make_plan(groups: list[ChannelGroup], kept_units: dict[str, np.ndarray], sha
                 if g.name not in group_of[key[0]]:
                     group_of[key[0]].append(g.name)
         sizes[g.name] = {"kind": g.kind, "units": g.num_units, "kept": int(len(keep)), "unit_size": g.unit_size}
-        if g.kind == "attention":
+        # a single unit is never pruned, and may be all heads merged (ALiBi): its module keeps its own counts
+        if g.kind == "attention" and (g.num_units > 1 or g.num_kv_units):
             attention[g.name] = {"heads": int(len(keep)), "kv_heads": int(len(keep_kv)) if keep_kv is not None
                                  else int(len(keep)), "head_dim": int(g.unit_size)}
     kept: dict[str, dict[int, list[int]]] = {}

@@ -252,6 +252,15 @@ def aten_mean_dim(ctx: RuleContext, node: Node) -> Atoms:
     return _reduce(ctx, atoms, sorted(_norm_dim(d, nd) for d in dims), keepdim)
 
 
+@register("aten::max.dim", "aten::min.dim")
+def aten_max_dim(ctx: RuleContext, node: Node) -> Atoms:
+    """max(self, dim, keepdim) -> (values, indices): a statistic like amax; the indices carry no channels."""
+    atoms = ctx.joint(node.args[0])
+    keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
+    values = _reduce(ctx, atoms, [_norm_dim(int(node.args[1]), atoms.ndim)], keepdim)
+    return [values, np.full(values.shape, NO_CHANNEL, dtype=np.int64)]
+
+
 @register("aten::softmax.int", "aten::_softmax", "aten::log_softmax.int", "aten::_log_softmax",
           "aten::cumsum")
 def aten_softmax_int(ctx: RuleContext, node: Node) -> Atoms:
@@ -636,17 +645,19 @@ def aten_select_int(ctx: RuleContext, node: Node) -> Atoms:
 
 @register("aten::index.Tensor")
 def aten_index_tensor(ctx: RuleContext, node: Node) -> Atoms:
-    """index(self, indices): a constant list of positions along one dim (Falcon's qkv[..., [-2], :] picks K)."""
+    """index(self, indices) along one dim: a constant list of positions (Falcon's qkv[..., [-2], :] picks K), or
+    any positions along a dim without channels (tokens)."""
     atoms = ctx.joint(node.args[0])
     picks = [(d, i) for d, i in enumerate(node.args[1]) if i is not None]
     if len(picks) != 1:
         raise NoRule("more than one indexed dim")
     dim, index = picks[0]
+    positions = ctx.shape(index)
+    if atoms.shape[dim] == 1:  # rows picked along a dim without channels (MoE token routing): channels pass
+        return atoms.reshape(atoms.shape[:dim] + (1,) * len(positions) + atoms.shape[dim + 1:])
     values = ctx.constant(index)
     if values is None or values.dim() != 1 or values.dtype in (torch.bool, torch.uint8):
-        raise NoRule("indices computed at run time (only a constant 1-D list of positions has a rule)")
-    if atoms.shape[dim] == 1:
-        return atoms
+        raise NoRule("channels picked by indices computed at run time (only a constant list has a rule)")
     return np.take(atoms, values.numpy() % ctx.shape(node.args[0])[dim], axis=dim)
 
 
