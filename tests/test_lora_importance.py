@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from peft import PeftModel
-from zoo import tiny_gpt2, tiny_llama, tiny_mixtral, token_ids
+from zoo import tiny_deepseek_v3, tiny_gpt2, tiny_llama, tiny_mixtral, token_ids
 
 from loraprune import SelectConfig, analyze, prune
 from loraprune.passes.checkpointing import activation_checkpointing
@@ -280,6 +280,16 @@ def test_lora_on_a_mixture_of_experts_adapts_the_linear_layers_and_prunes_attent
     assert compact["model.layers.0.self_attn.q_proj.weight"].shape == (32, 64)
     for key in [k for k in dense if ".experts." in k]:
         assert compact[key].shape == dense[key].shape
+
+
+def test_lora_targets_named_like_old_expert_projections_are_taken_as_given():
+    """PEFT would turn gate_proj / up_proj / down_proj into the fused expert tensors for DeepSeek-style models,
+    leaving the dense MLP and the shared expert without adapters; add_lora puts them where they were asked."""
+    model = add_lora(tiny_deepseek_v3(), dropout=0.05)
+    names = {plain_name(n) for n in lora_layers(model)}
+    assert {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.shared_experts.gate_proj"} <= names
+    assert not [n for n in names if ".experts." in n]
+    assert not [m for m in model.modules() if type(m).__name__ == "ParamWrapper"]
 
 
 class FlippedLM(torch.nn.Module):

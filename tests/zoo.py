@@ -7,6 +7,8 @@ from torch import nn
 from transformers import (
     BertConfig,
     BertModel,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
     FalconConfig,
     FalconForCausalLM,
     GPT2Config,
@@ -114,6 +116,16 @@ def tiny_mixtral(layers: int = 2) -> MixtralForCausalLM:
                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
                         max_position_embeddings=256)
     return MixtralForCausalLM(cfg).eval()
+
+
+def tiny_deepseek_v3() -> DeepseekV3ForCausalLM:
+    """A dense first layer, then routed experts beside a shared expert, all with gate/up/down projections."""
+    cfg = DeepseekV3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+                           moe_intermediate_size=32, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16,
+                           qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1,
+                           max_position_embeddings=256)
+    return DeepseekV3ForCausalLM(cfg).eval()
 
 
 def tiny_bert(layers: int = 2, attn: str = "sdpa") -> BertModel:

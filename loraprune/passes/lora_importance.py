@@ -14,11 +14,12 @@ rewrite (base weights and factors), optionally merge.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -75,7 +76,7 @@ def add_lora(model: nn.Module, r: int = 8, alpha: int = 16, target: Sequence[str
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", init_lora_weights=LORA_INITS[init],
                         target_modules=target if isinstance(target, str) else list(target))
     training = model.training
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _targets_as_given():
         if seed is not None:
             torch.manual_seed(seed)
         peft_model = get_peft_model(model, config)
@@ -84,6 +85,24 @@ def add_lora(model: nn.Module, r: int = 8, alpha: int = 16, target: Sequence[str
         if "lora_" not in name:
             p.requires_grad_(False)
     return peft_model
+
+
+@contextlib.contextmanager
+def _targets_as_given() -> Iterator[None]:
+    """PEFT renames targets such as gate_proj / up_proj / down_proj to the fused expert tensors of transformers v5
+    for about 30 model types (DeepSeek, Qwen-MoE, ...), so that adapters trained on v4 still load; a dense MLP or a
+    shared expert of that name then silently gets no adapter. A new adapter takes its targets as given."""
+    from peft.utils import transformers_weight_conversion as conversion
+
+    convert = getattr(conversion, "convert_peft_config_for_transformers", None)
+    if convert is None:
+        yield
+        return
+    conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        conversion.convert_peft_config_for_transformers = convert
 
 
 def linear_targets(model: nn.Module) -> list[str]:
