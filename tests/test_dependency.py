@@ -177,6 +177,25 @@ def test_multi_query_key_broadcast_over_the_heads_is_a_copy_not_a_tie(attn):
     assert compact.transformer.h[0].self_attention.query_key_value.out_features == (2 + 2) * 16
 
 
+class PiecewiseActivation(nn.Module):
+    """An activation built from comparisons and expm1 (Apertus' xIELU has this shape), with a learned scalar."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.alpha = nn.Parameter(torch.tensor(0.8))
+        self.register_buffer("eps", torch.tensor(-1e-6))
+
+    def forward(self, x):
+        h = self.up(x)
+        return self.down(torch.where(h > 0, self.alpha * h * h, torch.expm1(torch.min(h, self.eps)) - h))
+
+
+def test_piecewise_activation_keeps_its_channels_prunable():
+    a = analyze(PiecewiseActivation(), torch.randn(2, 8))
+    assert not a.frozen and [g.num_units for g in a.groups] == [16]
+
+
 class GatherByInput(nn.Module):
     def __init__(self):
         super().__init__()

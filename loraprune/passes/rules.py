@@ -142,7 +142,9 @@ _COPIES = ("aten::clone", "aten::alias", "aten::lift_fresh_copy", "aten::_to_cop
           "aten::sin", "aten::cos", "aten::erf", "aten::mul.Scalar", "aten::add.Scalar", "aten::sub.Scalar",
           "aten::div.Scalar", "aten::hardtanh", "aten::leaky_relu", "aten::clamp", "aten::softplus",
           "aten::hardswish", "aten::hardsigmoid", "aten::elu", "aten::mish", "aten::type_as", "aten::square",
-          "aten::masked_fill.Scalar", "aten::relu6", "aten::gelu_", "aten::relu_", "aten::silu_")
+          "aten::masked_fill.Scalar", "aten::relu6", "aten::gelu_", "aten::relu_", "aten::silu_", "aten::expm1",
+          "aten::log1p", "aten::sign", "aten::gt.Scalar", "aten::lt.Scalar", "aten::ge.Scalar", "aten::le.Scalar",
+          "aten::eq.Scalar", "aten::ne.Scalar", "aten::clamp_min", "aten::clamp_max", "aten::logical_not")
 def aten_pointwise_unary(ctx: RuleContext, node: Node) -> Atoms:
     """Elementwise ops of one tensor: channel i of the output is channel i of the input."""
     return ctx.joint(node.args[0])
@@ -207,7 +209,9 @@ def aten_add_tensor(ctx: RuleContext, node: Node) -> Atoms:
 
 
 @register("aten::mul.Tensor", "aten::div.Tensor", "aten::maximum", "aten::minimum", "aten::pow.Tensor_Tensor",
-          "aten::mul_.Tensor", "aten::div_.Tensor", "aten::atan2", "aten::fmod.Tensor")
+          "aten::mul_.Tensor", "aten::div_.Tensor", "aten::atan2", "aten::fmod.Tensor", "aten::min.other",
+          "aten::max.other", "aten::gt.Tensor", "aten::lt.Tensor", "aten::ge.Tensor", "aten::le.Tensor",
+          "aten::eq.Tensor", "aten::ne.Tensor", "aten::logical_and", "aten::logical_or")
 def aten_mul_tensor(ctx: RuleContext, node: Node) -> Atoms:
     """self * other: gating (SwiGLU gate * up), norm weights, rotary cos/sin."""
     return _elementwise(ctx, node, [node.args[0], node.args[1]], summed=False)
