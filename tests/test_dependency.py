@@ -196,6 +196,23 @@ def test_piecewise_activation_keeps_its_channels_prunable():
     assert not a.frozen and [g.num_units for g in a.groups] == [16]
 
 
+class Tiled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)).repeat(1, 2))
+
+
+def test_repeat_makes_each_copy_of_a_channel_that_channel():
+    a = analyze(Tiled(), torch.randn(2, 8))
+    (g,) = a.groups
+    assert g.members[("down.weight", 1)].tolist() == list(range(16)) * 2
+    result = prune(Tiled(), torch.randn(2, 8), config=SelectConfig(ratio=0.5, exclude_first=0, exclude_last=False))
+    assert result.model.down.in_features == 16
+
+
 class GatherByInput(nn.Module):
     def __init__(self):
         super().__init__()

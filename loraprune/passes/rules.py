@@ -620,6 +620,14 @@ def _broadcast_copies(ctx: RuleContext, atoms: np.ndarray, src: tuple[int, ...],
     return ctx.state.copies(atoms, shape)
 
 
+@register("aten::repeat")
+def aten_repeat(ctx: RuleContext, node: Node) -> Atoms:
+    """repeat(self, repeats): tiles the tensor; every copy of a channel is that channel (DiffLlama's values)."""
+    reps = [int(r) for r in node.args[1]]
+    atoms = _pad(ctx.joint(node.args[0]), len(reps))
+    return np.tile(atoms, [r if atoms.shape[d] > 1 else 1 for d, r in enumerate(reps)])
+
+
 @register("aten::slice.Tensor", "aten::narrow", "aten::slice_copy.Tensor")
 def aten_slice_tensor(ctx: RuleContext, node: Node) -> Atoms:
     """slice(self, dim, start, end, step): rotary's rotate_half halves of head_dim, fused-QKV parts."""
