@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zoo import LM_ZOO, tiny_bert, tiny_cnn, tiny_llama, tiny_mixtral, token_ids
+from zoo import LM_ZOO, tiny_bert, tiny_cnn, tiny_falcon_mqa, tiny_llama, tiny_mixtral, token_ids
 
 from loraprune import SelectConfig, analyze, prune
 
@@ -164,12 +164,8 @@ def test_falcon_qkv_laid_out_per_kv_group_is_pruned_by_heads_and_by_groups():
 def test_multi_query_key_broadcast_over_the_heads_is_a_copy_not_a_tie(attn):
     """Falcon-7B's multi-query eager attention multiplies 4 query heads by one K head broadcast along the head
     dim: like repeat_kv, the heads read copies of K, so they stay separate units of one KV group."""
-    from transformers import FalconConfig, FalconForCausalLM
-
     torch.manual_seed(0)
-    cfg = FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=True,
-                       attn_implementation=attn)
-    model = FalconForCausalLM(cfg).eval()
+    model = tiny_falcon_mqa(attn)
     a = analyze(model, token_ids())
     assert [(g.num_units, g.num_kv_units, g.unit_size) for g in kinds(a, "attention")] == [(4, 1, 16)] * 2
     config = SelectConfig(ratio=0.5, attention="query_heads", exclude_first=0, exclude_last=False)

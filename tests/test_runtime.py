@@ -7,7 +7,7 @@ import onnx
 import pytest
 import torch
 from torch import nn
-from zoo import tiny_gpt2, tiny_llama, tiny_mistral, tiny_mixtral, tiny_qwen2, token_ids
+from zoo import tiny_falcon_mqa, tiny_gpt2, tiny_llama, tiny_mistral, tiny_mixtral, tiny_qwen2, token_ids
 
 from loraprune.runtime import attention
 from loraprune.runtime.attention import FUSED, read_attention_plan
@@ -45,6 +45,15 @@ def _cols(linear: nn.Linear, keep: torch.Tensor) -> nn.Linear:
 
 def _heads(heads: list[int]) -> torch.Tensor:
     return torch.cat([torch.arange(h * HEAD_DIM, (h + 1) * HEAD_DIM) for h in heads])
+
+
+def assert_prefill_matches(model: nn.Module, sess, ids: torch.Tensor) -> None:
+    """The ORT prefill graph's logits on `ids` (full attention mask) equal PyTorch's."""
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits.numpy()
+    (got,) = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
 
 
 def nonuniform_llama() -> nn.Module:
@@ -96,12 +105,7 @@ def test_prefill_matches_torch_at_unseen_shapes(prefill_graphs, name):
     onnx.checker.check_model(str(path))
     sess = make_session(path, threads=1)
     for batch, seq in [(1, 5), (3, 11)]:  # exported at batch 2, seq 8
-        ids = token_ids(batch, seq, seed=seq)
-        mask = torch.ones_like(ids)
-        with torch.no_grad():
-            ref = model(input_ids=ids, attention_mask=mask).logits.numpy()
-        (got,) = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
-        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+        assert_prefill_matches(model, sess, token_ids(batch, seq, seed=seq))
 
 
 def test_probe_reads_per_layer_kv_heads(decode_graphs):
@@ -310,30 +314,17 @@ def test_mixture_of_experts_exports_and_keeps_its_own_kernel(tmp_path):
     kernel = model.config._experts_implementation
     sess = make_session(export_prefill(model, tmp_path / "moe.onnx"), threads=1)
     assert model.config._experts_implementation == kernel  # switched for the export only
-    ids = token_ids(2, 7, seed=3)
-    mask = torch.ones_like(ids)
-    with torch.no_grad():
-        ref = model(input_ids=ids, attention_mask=mask).logits.numpy()
-    (got,) = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
-    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+    assert_prefill_matches(model, sess, token_ids(2, 7, seed=3))
 
 
 def test_sdpa_with_one_broadcast_kv_head_exports_as_one_kv_group(tmp_path):
     """Falcon's multi-query attention calls SDPA with one K/V head broadcast over the query heads; traced with
     enable_gqa it becomes one fused Attention node per layer (one KV group), and torch's SDPA is itself again
     afterwards."""
-    from transformers import FalconConfig, FalconForCausalLM
-
     torch.manual_seed(0)
-    model = FalconForCausalLM(FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
-                                           num_attention_heads=4, multi_query=True)).eval()
+    model = tiny_falcon_mqa()
     sdpa = torch.nn.functional.scaled_dot_product_attention
     path = export_prefill(model, tmp_path / "mqa.onnx")
     assert torch.nn.functional.scaled_dot_product_attention is sdpa
     assert [n.op_type for n in onnx.load(str(path)).graph.node].count("Attention") == 2
-    ids = token_ids(2, 7, seed=3)
-    mask = torch.ones_like(ids)
-    with torch.no_grad():
-        ref = model(input_ids=ids, attention_mask=mask).logits.numpy()
-    (got,) = make_session(path, threads=1).run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
-    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+    assert_prefill_matches(model, make_session(path, threads=1), token_ids(2, 7, seed=3))

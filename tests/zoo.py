@@ -110,6 +110,13 @@ def tiny_falcon(layers: int = 2, attn: str = "sdpa") -> FalconForCausalLM:
     return FalconForCausalLM(cfg).eval()
 
 
+def tiny_falcon_mqa(attn: str = "sdpa") -> FalconForCausalLM:
+    """Falcon-7B's multi-query form: one K/V head that the attention broadcasts over 4 query heads."""
+    cfg = FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=True,
+                       attn_implementation=attn)
+    return FalconForCausalLM(cfg).eval()
+
+
 def tiny_mixtral(layers: int = 2) -> MixtralForCausalLM:
     """Mixture of experts: fused 3-D expert weights routed by data (not prunable), ordinary attention."""
     cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
