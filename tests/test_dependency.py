@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zoo import LM_ZOO, tiny_bert, tiny_cnn, tiny_falcon_mqa, tiny_llama, tiny_mixtral, token_ids
+from zoo import LM_ZOO, tiny_bert, tiny_cnn, tiny_deepseek_v3, tiny_falcon_mqa, tiny_llama, tiny_mixtral, token_ids
 
 from loraprune import SelectConfig, analyze, prune
 
@@ -171,6 +171,51 @@ def test_multi_query_key_broadcast_over_the_heads_is_a_copy_not_a_tie(attn):
     config = SelectConfig(ratio=0.5, attention="query_heads", exclude_first=0, exclude_last=False)
     compact = prune(model, token_ids(), config=config).model
     assert compact.transformer.h[0].self_attention.query_key_value.out_features == (2 + 2) * 16
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_latent_attention_key_part_shared_by_all_heads_is_no_kv_head(attn):
+    """DeepSeek's MLA writes each head's key into a new buffer: the head's own part from kv_b_proj, then a
+    rotary part every head shares (expanded over the heads). That shared part stays whole; it is not a KV
+    head, so the heads are plain units and the compact model still reads one key per head."""
+    torch.manual_seed(0)
+    model = tiny_deepseek_v3(attn)
+    a = analyze(model, token_ids())
+    assert not {f.op for f in a.frozen} & {"aten::new_empty", "aten::copy", "aten::slice_scatter"}  # (experts are)
+    attention = kinds(a, "attention")
+    assert [(g.num_units, g.num_kv_units) for g in attention] == [(4, 0)] * 2
+    g = attention[0]
+    # kv_b_proj rows per head: 8 key rows then 16 value rows, all the head's own
+    assert g.members[(g.name + ".kv_b_proj.weight", 0)].tolist() == [h for h in range(4) for _ in range(24)]
+    assert not [p for grp in a.groups for p, _ in grp.members if "kv_a_proj_with_mqa" in p]
+    config = SelectConfig(ratio=0.5, exclude_first=0, exclude_last=False)
+    result = prune(model, token_ids(), config=config)
+    attn_module = result.model.model.layers[0].self_attn
+    assert (attn_module.num_heads, attn_module.num_key_value_groups, attn_module.o_proj.in_features) == (2, 1, 32)
+    assert result.report["verify"]["ok"]
+    out = result.model.generate(token_ids(1, 5), max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 8)
+
+
+class LiteralBuffer(nn.Module):
+    """Channels written at literal positions of a new buffer: the positions cannot follow a pruned channel."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 6), nn.Linear(10, 4)
+
+    def forward(self, x):
+        buf = x.new_zeros(*x.shape[:-1], 10)
+        buf[..., 2:8] = torch.relu(self.up(x))
+        return self.down(buf)
+
+
+def test_channels_written_at_literal_positions_move_as_one():
+    a = analyze(LiteralBuffer(), torch.randn(2, 8))
+    assert not a.frozen and not [g for g in a.groups if g.num_units > 1]
+    result = prune(LiteralBuffer(), torch.randn(2, 8), config=SelectConfig(ratio=0.5, exclude_first=0,
+                                                                           exclude_last=False))
+    assert result.model.up.out_features == 6
 
 
 class PiecewiseActivation(nn.Module):

@@ -7,7 +7,16 @@ import onnx
 import pytest
 import torch
 from torch import nn
-from zoo import tiny_falcon_mqa, tiny_gpt2, tiny_llama, tiny_mistral, tiny_mixtral, tiny_qwen2, token_ids
+from zoo import (
+    tiny_deepseek_v3,
+    tiny_falcon_mqa,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_mistral,
+    tiny_mixtral,
+    tiny_qwen2,
+    token_ids,
+)
 
 from loraprune.runtime import attention
 from loraprune.runtime.attention import FUSED, read_attention_plan
@@ -328,3 +337,23 @@ def test_sdpa_with_one_broadcast_kv_head_exports_as_one_kv_group(tmp_path):
     assert torch.nn.functional.scaled_dot_product_attention is sdpa
     assert [n.op_type for n in onnx.load(str(path)).graph.node].count("Attention") == 2
     assert_prefill_matches(model, make_session(path, threads=1), token_ids(2, 7, seed=3))
+
+
+def test_pruned_latent_attention_model_runs_in_ort_like_torch(tmp_path):
+    """DeepSeek-V3 with half its MLA heads and MLP channels removed: prefill logits at an unseen shape and
+    KV-cache greedy tokens (its cache holds the compressed latents) equal PyTorch's."""
+    from loraprune import SelectConfig, prune
+
+    torch.manual_seed(0)
+    config = SelectConfig(ratio=0.5, exclude_first=0, exclude_last=False)
+    model = prune(tiny_deepseek_v3(), token_ids(), config=config).model
+    assert model.model.layers[0].self_attn.num_heads == 2
+    assert_prefill_matches(model, make_session(export_prefill(model, tmp_path / "p.onnx"), threads=1),
+                           token_ids(2, 7, seed=3))
+    ids, eos = token_ids(3, 5, seed=3), model.generation_config.eos_token_id
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6,
+                             pad_token_id=eos).numpy()
+    got = ort_generate(None, make_session(export_decode(model, tmp_path / "d.onnx"), threads=1), ids.numpy(), 6,
+                       eos_token_id=eos)
+    np.testing.assert_array_equal(got, ref)

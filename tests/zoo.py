@@ -125,13 +125,14 @@ def tiny_mixtral(layers: int = 2) -> MixtralForCausalLM:
     return MixtralForCausalLM(cfg).eval()
 
 
-def tiny_deepseek_v3() -> DeepseekV3ForCausalLM:
-    """A dense first layer, then routed experts beside a shared expert, all with gate/up/down projections."""
+def tiny_deepseek_v3(attn: str = "sdpa") -> DeepseekV3ForCausalLM:
+    """A dense first layer, then routed experts beside a shared expert, all with gate/up/down projections;
+    multi-head latent attention (MLA): each head's key is its own part beside a rotary part all heads share."""
     cfg = DeepseekV3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
                            moe_intermediate_size=32, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16,
                            qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1,
-                           max_position_embeddings=256)
+                           max_position_embeddings=256, attn_implementation=attn)
     return DeepseekV3ForCausalLM(cfg).eval()
 
 

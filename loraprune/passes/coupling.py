@@ -73,6 +73,7 @@ class CouplingState:
         self._head: list[np.ndarray] = []
         self._shared: list[tuple[np.ndarray, np.ndarray, bool, np.ndarray, np.ndarray]] = []
         self._splits: list[np.ndarray] = []
+        self._head_blocks: list[np.ndarray] = []
 
     # -- allocation -------------------------------------------------------------------------------------
     def fresh(self, shape: tuple[int, ...], origin: int = -1) -> np.ndarray:
@@ -146,14 +147,27 @@ class CouplingState:
         return True
 
     def _merge_pairs(self, atoms: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-        return self._pairs(atoms, np.take(atoms, [0], axis=axis))
+        return self._pairs(atoms, self._representative(atoms, axis))
+
+    @staticmethod
+    def _representative(atoms: np.ndarray, axis: int) -> np.ndarray:
+        """One atom per row along `axis`: a channel wherever the row has one (positions without are -1)."""
+        return np.max(atoms, axis=axis, keepdims=True)
 
     def merge_along(self, atoms: np.ndarray, axis: int) -> np.ndarray:
         """Channels along `axis` move as one (e.g. head_dim inside a head); returns the representatives."""
         if atoms.shape[axis] == 1:
             return atoms
         self._eq.append(self._merge_pairs(atoms, axis))
-        return np.take(atoms, [0], axis=axis)
+        return self._representative(atoms, axis)
+
+    def merge_head(self, atoms: np.ndarray, axis: int) -> np.ndarray:
+        """`merge_along` for the channels of attention heads at the attention op (head_dim). The blocks are kept
+        so that `solve` can tell a KV head (a query head's key is wholly a copy of it) from a part that every
+        head's key shares beside channels of its own (MLA's rotary key), which is no KV head."""
+        if atoms.shape[axis] > 1:
+            self._head_blocks.append(np.moveaxis(atoms, axis, -1).reshape(-1, atoms.shape[axis]))
+        return self.merge_along(atoms, axis)
 
     def depends(self, child: np.ndarray, parent: np.ndarray) -> None:
         self._dep.append(self._pairs(child, parent))
@@ -189,6 +203,21 @@ class CouplingState:
         pairs = np.unique(np.stack([root[dep[:, 0]], root[dep[:, 1]]], 1), axis=0)
         return pairs[pairs[:, 0] != pairs[:, 1]]
 
+    def _shared_parts(self, dep: np.ndarray) -> np.ndarray:
+        """Parent atoms copied into a head's channels beside channels the head owns: a part shared by the keys
+        of several heads, never removed (frozen in `solve` when it has several child classes), not a KV head."""
+        if not self._head_blocks or not len(dep):
+            return np.zeros(0, np.int64)
+        is_copy = np.zeros(self.count, dtype=bool)
+        is_copy[dep[:, 0]] = True
+        children = []
+        for block in self._head_blocks:
+            copied = is_copy[np.maximum(block, 0)] & (block >= 0)
+            own = ~is_copy[np.maximum(block, 0)] & (block >= 0)
+            mixed = copied.any(1) & own.any(1)
+            children.append(block[mixed][copied[mixed]])
+        return dep[np.isin(dep[:, 0], np.concatenate(children)), 1]
+
     def solve(self) -> Solution:
         eq_a = np.concatenate([p[0] for p in self._eq]) if self._eq else np.zeros(0, np.int64)
         eq_b = np.concatenate([p[1] for p in self._eq]) if self._eq else np.zeros(0, np.int64)
@@ -211,6 +240,7 @@ class CouplingState:
                     eq_b.append(mb)
             eq_a, eq_b = np.concatenate(eq_a), np.concatenate(eq_b)
             root = connected_components(self.count, eq_a, eq_b)
+        shared_parts = self._shared_parts(dep)
         if len(dep):
             # A parent read by one child only (a per-head sink logit broadcast over batch and positions) is
             # that child's own channel, not a KV head shared by several: they are tied.
@@ -235,6 +265,7 @@ class CouplingState:
                 eq_b = np.concatenate([eq_b, np.array(extra_b)])
                 root = connected_components(self.count, eq_a, eq_b)
             dep = self._dep_pairs(dep, root)
+            frozen.append(shared_parts[np.isin(root[shared_parts], dep[:, 1])])
         origin = np.concatenate(self.origin) if self.origin else np.zeros(0, np.int64)
         residual = np.zeros(self.count, dtype=bool)
         if sums:

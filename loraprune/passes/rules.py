@@ -411,8 +411,8 @@ def _matmul(ctx: RuleContext, node: Node, a: Node, b: Node) -> np.ndarray:
     batch_varies = any(s > 1 for s in xa.shape[:-2]) or any(s > 1 for s in xb.shape[:-2])
     # The output of a batched product indexes the batch dims' channels (attention heads): every contracted
     # channel of one batch index moves with it.
-    pa = ctx.state.merge_along(xa, nd - 1) if batch_varies else xa[..., :1]
-    pb = ctx.state.merge_along(xb, nd - 2) if batch_varies else xb[..., :1, :]
+    pa = ctx.state.merge_head(xa, nd - 1) if batch_varies else xa[..., :1]
+    pb = ctx.state.merge_head(xb, nd - 2) if batch_varies else xb[..., :1, :]
     if batch_varies and not (_is_constant(xa) or _is_constant(xb)):
         ctx.state.mark_head(pa)
         ctx.state.mark_head(pb)
@@ -490,7 +490,7 @@ def aten_scaled_dot_product_attention(ctx: RuleContext, node: Node) -> Atoms:
             ctx.state.freeze(x)
         out = ctx.state.fresh_frozen(nd)
         return out if "flash" not in node.target.__name__ and "efficient" not in node.target.__name__ else [out]
-    q_rep, k_rep, v_rep = (ctx.state.merge_along(x, nd - 1) for x in (q, k, v))
+    q_rep, k_rep, v_rep = (ctx.state.merge_head(x, nd - 1) for x in (q, k, v))
     hq, hk = ctx.shape(node.args[0])[-3], ctx.shape(node.args[1])[-3]
     if hk != hq and hk > 0 and hq % hk == 0:
         shape = q_rep.shape[:-3] + (hq, 1, 1)
@@ -645,6 +645,44 @@ def aten_slice_tensor(ctx: RuleContext, node: Node) -> Atoms:
         step = node.args[4] if len(node.args) > 4 else 1
     index = np.arange(size)[slice(start, end, step)]
     return np.take(atoms, index, axis=dim)
+
+
+@register("aten::slice_scatter")
+def aten_slice_scatter(ctx: RuleContext, node: Node) -> Atoms:
+    """slice_scatter(self, src, dim, start, end, step): `src` written into a slice of `self` (a buffer filled
+    part by part: MLA's key, each head's own part beside the rotary part all heads share). The bounds are
+    literal, so the channels along `dim` move as one with the rest of their row."""
+    shape = ctx.shape(node)
+    nd = len(shape)
+    dim = _norm_dim(node.args[2] if len(node.args) > 2 else 0, nd)
+    start = node.args[3] if len(node.args) > 3 and node.args[3] is not None else 0
+    end = node.args[4] if len(node.args) > 4 and node.args[4] is not None else shape[dim]
+    step = node.args[5] if len(node.args) > 5 else 1
+    index = np.arange(shape[dim])[slice(start, end, step)]
+    base, src = _pad(ctx.joint(node.args[0]), nd), _pad(ctx.joint(node.args[1]), nd)
+    other = np.broadcast_shapes(*(x.shape[:dim] + (1,) + x.shape[dim + 1:] for x in (base, src)))
+    out = np.broadcast_to(base, other[:dim] + (shape[dim],) + other[dim + 1:]).copy()
+    where = [slice(None)] * nd
+    where[dim] = index
+    out[tuple(where)] = np.broadcast_to(src, other[:dim] + (len(index),) + other[dim + 1:])
+    if _is_constant(out):
+        return np.full((1,) * nd, NO_CHANNEL, dtype=np.int64)
+    ctx.state.merge_along(out, dim)
+    return out
+
+
+@register("aten::copy", "aten::copy_")
+def aten_copy(ctx: RuleContext, node: Node) -> Atoms:
+    """copy(self, src): the values of `src` in the shape of `self` (broadcast copies where `src` is smaller)."""
+    return _broadcast_copies(ctx, ctx.joint(node.args[1]), ctx.shape(node.args[1]), ctx.shape(node))
+
+
+@register("aten::new_empty", "aten::new_zeros", "aten::new_ones", "aten::new_full", "aten::new_empty_strided",
+          "aten::empty_like", "aten::zeros_like", "aten::ones_like", "aten::full_like")
+def aten_new_empty(ctx: RuleContext, node: Node) -> Atoms:
+    """A new tensor that takes only its dtype, device (or shape) from the input: its values carry no channels.
+    Where it meets channels they are frozen, unless they overwrite it (copy, slice_scatter)."""
+    return np.full((1,) * len(ctx.shape(node)), NO_CHANNEL, dtype=np.int64)
 
 
 @register("aten::select.int")
