@@ -4,7 +4,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zoo import LM_ZOO, tiny_bert, tiny_cnn, tiny_deepseek_v3, tiny_falcon_mqa, tiny_llama, tiny_mixtral, token_ids
+from zoo import (
+    LM_ZOO,
+    tiny_bert,
+    tiny_cnn,
+    tiny_deepseek_v3,
+    tiny_falcon_mqa,
+    tiny_llama,
+    tiny_llama4,
+    tiny_mixtral,
+    token_ids,
+)
 
 from loraprune import SelectConfig, analyze, prune
 
@@ -195,6 +205,17 @@ def test_latent_attention_key_part_shared_by_all_heads_is_no_kv_head(attn):
     assert result.report["verify"]["ok"]
     out = result.model.generate(token_ids(1, 5), max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert out.shape == (1, 8)
+
+
+def test_complex_rotary_keeps_heads_prunable():
+    """Llama 4 rotates q and k as complex numbers: each (real, imaginary) pair of head_dim is one channel."""
+    torch.manual_seed(0)
+    model = tiny_llama4()
+    a = analyze(model, token_ids())
+    assert not {f.op for f in a.frozen} & {"aten::view_as_complex", "aten::view_as_real"}
+    assert [(g.num_units, g.num_kv_units, g.unit_size) for g in kinds(a, "attention")] == [(4, 2, 16)] * 2
+    result = prune(model, token_ids(), config=SelectConfig(ratio=0.5, exclude_first=0, exclude_last=False))
+    assert result.report["verify"]["ok"] and result.model.model.layers[0].self_attn.q_proj.out_features == 32
 
 
 class LiteralBuffer(nn.Module):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from peft import PeftModel
-from zoo import tiny_deepseek_v3, tiny_gpt2, tiny_llama, tiny_mixtral, token_ids
+from zoo import tiny_deepseek_v3, tiny_gpt2, tiny_llama, tiny_llama4, tiny_mixtral, token_ids
 
 from loraprune import SelectConfig, analyze, prune
 from loraprune.passes.checkpointing import activation_checkpointing
@@ -290,6 +290,20 @@ def test_lora_targets_named_like_old_expert_projections_are_taken_as_given():
     assert {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.shared_experts.gate_proj"} <= names
     assert not [n for n in names if ".experts." in n]
     assert not [m for m in model.modules() if type(m).__name__ == "ParamWrapper"]
+
+
+def test_a_linear_layer_that_returns_a_tuple_gets_no_adapter():
+    """Llama 4's MoE router subclasses nn.Linear but returns (scores, logits): a LoRA adapter cannot add onto
+    that, so the default targets leave it out and LoRAPrune runs."""
+    model = tiny_llama4()
+    targets = linear_targets(model)
+    assert "router" not in targets and "q_proj" in targets
+    batches = [token_ids(2, 16, seed=s) for s in range(2)]
+    config = SelectConfig(ratio=0.5, exclude_first=0, exclude_last=False)
+    result = lora_prune(model, token_ids(), batches, ratio=0.5, config=config, steps=4, update_every=2,
+                        progress=False, count_macs=False)
+    assert result.model.model.layers[1].feed_forward.router.weight.shape == (2, 64)
+    assert result.model.model.layers[0].self_attn.q_proj.out_features == 32
 
 
 class FlippedLM(torch.nn.Module):

@@ -17,6 +17,8 @@ from transformers import (
     GPTBigCodeForCausalLM,
     GPTJConfig,
     GPTJForCausalLM,
+    Llama4ForCausalLM,
+    Llama4TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -134,6 +136,14 @@ def tiny_deepseek_v3(attn: str = "sdpa") -> DeepseekV3ForCausalLM:
                            qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1,
                            max_position_embeddings=256, attn_implementation=attn)
     return DeepseekV3ForCausalLM(cfg).eval()
+
+
+def tiny_llama4() -> Llama4ForCausalLM:
+    """Rotary in complex numbers (view_as_complex), and an MoE router that is an nn.Linear returning a tuple."""
+    cfg = Llama4TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, intermediate_size_mlp=96,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                           num_local_experts=2, interleave_moe_layer_step=2, max_position_embeddings=256)
+    return Llama4ForCausalLM(cfg).eval()
 
 
 def tiny_bert(layers: int = 2, attn: str = "sdpa") -> BertModel:

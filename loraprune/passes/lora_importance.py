@@ -115,7 +115,7 @@ def linear_targets(model: nn.Module) -> list[str]:
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     linear = [name for name, m in model.named_modules()
-              if (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D") and m is not head]
+              if (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D") and m is not head and _acts_linear(m)]
     if not linear:
         raise ValueError(f"{type(model).__name__} has no nn.Linear / Conv1D layer to put LoRA adapters on")
     chosen = set(linear)
@@ -123,6 +123,17 @@ def linear_targets(model: nn.Module) -> list[str]:
     leaves = {name.rsplit(".", 1)[-1] for name in linear}
     return sorted(leaf for leaf in leaves if leaf not in shared) + [
         name for name in linear if name.rsplit(".", 1)[-1] in shared]
+
+
+def _acts_linear(module: nn.Module) -> bool:
+    """A Linear subclass with a forward of its own may return something else (Llama 4's MoE router returns
+    scores and logits): a LoRA adapter adds onto the output, so that layer gets none. Checked on one zero row."""
+    if type(module).forward is nn.Linear.forward or not isinstance(module, nn.Linear):
+        return True
+    weight = module.weight
+    with torch.no_grad():
+        out = module(torch.zeros(1, module.in_features, dtype=weight.dtype, device=weight.device))
+    return isinstance(out, torch.Tensor) and tuple(out.shape) == (1, module.out_features)
 
 
 def _lora_linear_type():

@@ -685,6 +685,18 @@ def aten_new_empty(ctx: RuleContext, node: Node) -> Atoms:
     return np.full((1,) * len(ctx.shape(node)), NO_CHANNEL, dtype=np.int64)
 
 
+@register("aten::view_as_complex")
+def aten_view_as_complex(ctx: RuleContext, node: Node) -> Atoms:
+    """view_as_complex(self[..., n, 2]): each (real, imaginary) pair is one complex channel (Llama 4's rotary)."""
+    return np.squeeze(ctx.state.merge_along(ctx.joint(node.args[0]), -1), -1)
+
+
+@register("aten::view_as_real")
+def aten_view_as_real(ctx: RuleContext, node: Node) -> Atoms:
+    """view_as_real(self[..., n]) -> [..., n, 2]: both parts of a complex channel are that channel."""
+    return ctx.joint(node.args[0])[..., None]
+
+
 @register("aten::select.int")
 def aten_select_int(ctx: RuleContext, node: Node) -> Atoms:
     atoms = ctx.joint(node.args[0])
