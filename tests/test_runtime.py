@@ -12,6 +12,7 @@ from zoo import (
     tiny_falcon_mqa,
     tiny_gpt2,
     tiny_llama,
+    tiny_llama4,
     tiny_mistral,
     tiny_mixtral,
     tiny_qwen2,
@@ -357,3 +358,11 @@ def test_pruned_latent_attention_model_runs_in_ort_like_torch(tmp_path):
     got = ort_generate(None, make_session(export_decode(model, tmp_path / "d.onnx"), threads=1), ids.numpy(), 6,
                        eos_token_id=eos)
     np.testing.assert_array_equal(got, ref)
+
+
+def test_an_op_onnx_cannot_express_fails_in_one_line_naming_the_node(tmp_path):
+    """Llama 4's complex-valued rotary has no ONNX type: the exporter's pages of advice become one line with
+    the node and the reason, and nothing is left in the folder."""
+    with pytest.raises(RuntimeError, match=r"ONNX export failed at node \w+ \(.+\): .*complex") as info:
+        export_prefill(tiny_llama4(), tmp_path / "model.onnx")
+    assert "\n" not in str(info.value) and not list(tmp_path.iterdir())

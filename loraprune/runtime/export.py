@@ -24,6 +24,7 @@ import copy
 import inspect
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -235,9 +236,11 @@ def _export(wrapper: nn.Module, args: tuple, dynamic_shapes: tuple, input_names:
                 )
             except Exception as err:  # the exporter wraps errors raised while tracing into pages of text
                 cause = _cause_of_type(err, UnexpressibleAttention)
-                if cause is None:
-                    raise
-                raise cause from None
+                if cause is not None:
+                    raise cause from None
+                if isinstance(err, torch.onnx.errors.OnnxExporterError):
+                    raise RuntimeError(_export_failure(err)) from err
+                raise
         if decisions:
             program.model.metadata_props[METADATA_KEY] = json.dumps(decisions, sort_keys=True)
         program.save(staged, external_data=external_data)
@@ -245,15 +248,27 @@ def _export(wrapper: nn.Module, args: tuple, dynamic_shapes: tuple, input_names:
     return path
 
 
+def _causes(err: BaseException) -> list[BaseException]:
+    """`err` and its chain of causes and contexts, outermost first."""
+    chain: list[BaseException] = []
+    while err is not None and all(err is not e for e in chain):
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    return chain
+
+
+def _export_failure(err: BaseException) -> str:
+    """The exporter's pages of advice as one line: the node it stopped at and the innermost reason."""
+    chain = _causes(err)
+    node = next((m for e in chain if (m := re.search(r"translating node %(\S+) .*?target=([\w.]+)", str(e)))), None)
+    reason = re.sub(r"\x1b\[[0-9;]*m", "", str(chain[-1])).strip().splitlines()
+    where = f" at node {node.group(1)} ({node.group(2)})" if node else ""
+    return f"ONNX export failed{where}: {reason[0] if reason else type(chain[-1]).__name__}"
+
+
 def _cause_of_type(err: BaseException, kind: type[BaseException]) -> BaseException | None:
     """The first exception of `kind` in the chain of causes and contexts of `err`."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, kind):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
+    return next((e for e in _causes(err) if isinstance(e, kind)), None)
 
 
 def _dims() -> tuple[torch.export.Dim, torch.export.Dim, torch.export.Dim, torch.export.Dim]:
