@@ -126,6 +126,13 @@ def test_per_head_gain_is_sliced_with_its_head_and_a_shared_scale_is_not():
     assert result.model[0].gain.shape == (2, 1, 1) and torch.equal(result.model[0].scale, model[0].scale)
 
 
+def test_attention_module_that_is_the_model_itself_is_patched():
+    torch.manual_seed(0)
+    model = HeadGainAttention().eval()
+    result = prune(model, torch.randn(2, 5, 32), config=SelectConfig(ratio=0.5, exclude_first=0, exclude_last=False))
+    assert result.report["verify"]["ok"] and (result.model.num_heads, model.num_heads) == (2, 4)
+
+
 class FixedPartitions(nn.Module):
     """Heads laid out in 2 partitions written as a literal (CodeGen's mp_num style), 2 heads in each."""
 

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["ChannelGroup", "FrozenDim", "GROUP_KINDS"]
+__all__ = ["ChannelGroup", "FrozenDim", "GROUP_KINDS", "module_of"]
 
 GROUP_KINDS = ("attention", "mlp", "hidden", "channel")
+
+
+def module_of(names: list[str]) -> str:
+    """The innermost module holding every named parameter ("" for the root)."""
+    common = os.path.commonprefix([n.split(".")[:-1] for n in names]) if names else []
+    return ".".join(common)
 
 
 @dataclass

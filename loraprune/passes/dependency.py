@@ -6,7 +6,6 @@ Entry point: `analyze(model, example_inputs)` or `build_groups(program)`. Works 
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from loraprune.ir.groups import ChannelGroup, FrozenDim
+from loraprune.ir.groups import ChannelGroup, FrozenDim, module_of
 from loraprune.ir.trace import TracedProgram, trace
 from loraprune.passes.coupling import NO_CHANNEL, CouplingState, Solution
 from loraprune.passes.rules import RULES, NoRule, ParamAxes, RuleContext, op_key, unknown_op
@@ -132,12 +131,6 @@ def _no_channels(atoms: object) -> bool:
     return bool((np.asarray(atoms) < 0).all())
 
 
-def _module_of(names: list[str]) -> str:
-    parts = [n.split(".")[:-1] for n in names]
-    common = os.path.commonprefix(parts) if parts else []
-    return ".".join(common) if common else "model"
-
-
 def build_groups(program: TracedProgram) -> Analysis:
     state = CouplingState()
     param_atoms, shapes, reports = _walk(program, state)
@@ -196,7 +189,7 @@ def _assemble(keys: list[tuple[str, int]], roots: list[np.ndarray], sol: Solutio
         names = [p for p, _ in members] + [p for p, _ in kv_members]
         unit_size = min(int((ids >= 0).sum()) // len(units) for ids in members.values())
         order = min(order_of.get(p, 0) for p in names)
-        name = "hidden" if kind == "hidden" else _module_of(names)
+        name = "hidden" if kind == "hidden" else module_of(names) or "model"
         groups.append(ChannelGroup(name, kind, len(units), unit_size, members, order, None, kv_members, num_kv,
                                    kv_of_unit))
     groups.sort(key=lambda g: (g.order, g.kind))

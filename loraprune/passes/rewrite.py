@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from loraprune.ir.groups import ChannelGroup
+from loraprune.ir.groups import ChannelGroup, module_of
 from loraprune.ir.plan import PlanError, PrunePlan
 
 __all__ = ["apply_plan", "make_plan", "masked_copy"]
@@ -78,8 +78,9 @@ def make_plan(groups: list[ChannelGroup], kept_units: dict[str, np.ndarray], sha
         sizes[g.name] = {"kind": g.kind, "units": g.num_units, "kept": int(len(keep)), "unit_size": g.unit_size}
         # a single unit is never pruned, and may be all heads merged (ALiBi): its module keeps its own counts
         if g.kind == "attention" and (g.num_units > 1 or g.num_kv_units):
-            attention[g.name] = {"heads": int(len(keep)), "kv_heads": int(len(keep_kv)) if keep_kv is not None
-                                 else int(len(keep)), "head_dim": int(g.unit_size)}
+            kv_heads = int(len(keep_kv)) if keep_kv is not None else int(len(keep))
+            attention[module_of(g.params)] = {"heads": int(len(keep)), "kv_heads": kv_heads,
+                                              "head_dim": int(g.unit_size)}
     kept: dict[str, dict[int, list[int]]] = {}
     for (param, dim), gone in removed.items():
         if gone.any():
