@@ -131,8 +131,11 @@ def _acts_linear(module: nn.Module) -> bool:
     if type(module).forward is nn.Linear.forward or not isinstance(module, nn.Linear):
         return True
     weight = module.weight
-    with torch.no_grad():
-        out = module(torch.zeros(1, module.in_features, dtype=weight.dtype, device=weight.device))
+    try:
+        with torch.no_grad():
+            out = module(torch.zeros(1, module.in_features, dtype=weight.dtype, device=weight.device))
+    except Exception:  # a forward that cannot take a plain row is no plain linear layer either
+        return False
     return isinstance(out, torch.Tensor) and tuple(out.shape) == (1, module.out_features)
 
 
