@@ -306,6 +306,19 @@ def test_a_linear_layer_that_returns_a_tuple_gets_no_adapter():
     assert result.model.model.layers[0].self_attn.q_proj.out_features == 32
 
 
+class SequenceOnlyLinear(torch.nn.Linear):
+    """A Linear subclass whose forward needs [batch, seq, features]: not a plain linear layer for LoRA."""
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        return super().forward(x).reshape(b, s, -1)
+
+
+def test_a_linear_subclass_that_refuses_a_plain_row_gets_no_adapter():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), SequenceOnlyLinear(8, 8))
+    assert linear_targets(model) == ["0"]
+
+
 class FlippedLM(torch.nn.Module):
     """A causal LM whose only hidden channels pass through an op with no rule: nothing can be pruned."""
 

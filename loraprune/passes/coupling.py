@@ -212,9 +212,9 @@ class CouplingState:
         is_copy[dep[:, 0]] = True
         children = []
         for block in self._head_blocks:
-            copied = is_copy[np.maximum(block, 0)] & (block >= 0)
-            own = ~is_copy[np.maximum(block, 0)] & (block >= 0)
-            mixed = copied.any(1) & own.any(1)
+            channel = block >= 0
+            copied = is_copy[np.maximum(block, 0)] & channel
+            mixed = copied.any(1) & (channel & ~copied).any(1)
             children.append(block[mixed][copied[mixed]])
         return dep[np.isin(dep[:, 0], np.concatenate(children)), 1]
 
