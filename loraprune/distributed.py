@@ -38,14 +38,10 @@ import torch
 from torch import nn
 
 from loraprune.ir.groups import ChannelGroup
-from loraprune.passes.importance import GroupScores
-from loraprune.passes.lora_importance import (
-    GradientStats,
-    _lora_params,
-    causal_lm_loss,
-    lora_criterion,
-    lora_layers,
-)
+from loraprune.lora.adapters import lora_layers, lora_params
+from loraprune.lora.training import GradientStats, causal_lm_loss
+from loraprune.passes.criteria import GroupScores
+from loraprune.passes.criteria.lora import lora_criterion
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -157,7 +153,7 @@ def accelerated_lora_scores(model: nn.Module, groups: list[ChannelGroup], batche
         micro = shard_step(step, world, rank) if shard else (
             list(step) if isinstance(step, (list, tuple)) else [step])
         tokens = _local_backward(work, micro)
-        _reduce_gradients(_lora_params(lora_layers(work)), tokens, accelerator)
+        _reduce_gradients(lora_params(lora_layers(work)), tokens, accelerator)
 
     return lora_criterion(model, groups, batches=batches, seed=seed, lam=lam, batch_size=batch_size, stats=stats,
                           r=r, alpha=alpha, backward=backward)

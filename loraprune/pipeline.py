@@ -12,7 +12,8 @@ The output folder:
 
     model/      HF folder (safetensors, config, plan, tokenizer): `load_pretrained` or `from_pretrained`
     adapter/    with keep_adapter: the pruned PEFT adapter; model/ then holds the unmerged compact base
-    onnx/       prefill.onnx (input_ids, attention_mask -> logits) and decode.onnx (with KV cache)
+    onnx/       prefill.onnx (input_ids, attention_mask -> logits) and decode.onnx (with KV cache); for a CUDA
+                target prefill_cuda.onnx and decode_cuda.onnx (attention as GroupQueryAttention)
     bench/      bench.json, bench.md, speedup.png, efficiency.png (dense vs compact, torch vs ORT)
     report.json report.md quality.png finetune.png
 """
@@ -37,9 +38,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from loraprune.passes.importance import CRITERIA
-from loraprune.passes.lora_importance import LORA_INITS
-from loraprune.passes.select import SelectConfig
+from loraprune.config import CONFIGS, PruneConfig, make_config
+from loraprune.device import Placement, resolve
+from loraprune.lora.adapters import LORA_INITS, is_peft_model
 
 __all__ = ["COMPILE_MARKER", "CompileOptions", "compile_model"]
 
@@ -70,7 +71,7 @@ class CompileOptions:
     lr: float = 3e-4
     lora_r: int = 8
     lora_alpha: int = 16
-    lora_init: str = "pissa"  # how the LoRA factors start (passes.lora_importance.LORA_INITS), every criterion
+    lora_init: str = "pissa"  # how the LoRA factors start (lora.adapters.LORA_INITS), every criterion
     checkpointing: bool = False  # recompute each decoder layer in backward passes: less memory, ~1 more forward
     eval_window: int = 256
     eval_windows: int = 64
@@ -80,6 +81,9 @@ class CompileOptions:
     decode_tokens: int = 16
     bench_runs: int = 10
     threads: int | None = None  # None: torch's current setting
+    device: str = "auto"  # auto, cpu, cuda, cuda:N (loraprune.device)
+    dtype: str = "auto"  # auto, bf16, fp16, fp32: what the model is loaded in, scored and fine-tuned in
+    target: str = "cpu"  # the ONNX graphs' deployment target: cpu (Attention op) or cuda (GroupQueryAttention)
     keep_adapter: bool = False  # lora: save the compact base and the pruned adapter unmerged (model/, adapter/)
     seed: int = 0
     force: bool = False
@@ -89,8 +93,8 @@ class CompileOptions:
     def __post_init__(self) -> None:
         if not (isinstance(self.ratio, int | float) and 0.0 <= self.ratio < 1.0):
             raise ValueError(f"ratio must be in [0, 1), got {self.ratio!r}")
-        if self.criterion not in CRITERIA:
-            raise ValueError(f"unknown criterion {self.criterion!r}; known: {', '.join(sorted(CRITERIA))}")
+        if self.criterion not in CONFIGS:
+            raise ValueError(f"unknown criterion {self.criterion!r}; known: {', '.join(sorted(CONFIGS))}")
         if not 0.0 <= self.cooldown < 1.0:
             raise ValueError(f"cooldown must be in [0, 1), got {self.cooldown!r}")
         if self.lora_init not in LORA_INITS:
@@ -108,11 +112,18 @@ class CompileOptions:
                 raise ValueError(f"{name} must be >= 2 tokens, got {getattr(self, name)}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
-        self.select_config()  # validates scope, attention, round_to
+        self.prune_config()  # validates scope, attention, round_to and the method's own options
+        resolve(self.device, self.dtype)  # a GPU that is not there fails before anything is read
+        if self.target not in ("cpu", "cuda"):
+            raise ValueError(f"target must be 'cpu' or 'cuda', got {self.target!r}")
 
-    def select_config(self) -> SelectConfig:
-        return SelectConfig(ratio=self.ratio, scope=self.scope, attention=self.attention,
-                            prune_hidden=self.prune_hidden, round_to=self.round_to)
+    def prune_config(self) -> PruneConfig:
+        """The typed config of this run's criterion; for "lora" with steps > 0, LoRAPrune's whole schedule."""
+        return make_config(self.criterion, ratio=self.ratio, scope=self.scope, attention=self.attention,
+                           prune_hidden=self.prune_hidden, round_to=self.round_to, seed=self.seed, steps=self.steps,
+                           cooldown=self.cooldown, lr=self.lr, r=self.lora_r,
+                           alpha=self.lora_alpha, init=self.lora_init, batch_size=self.batch_size,
+                           checkpointing=self.checkpointing, merge=not self.keep_adapter, progress=self.progress)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -139,14 +150,10 @@ class _Stages:
 
 def dense_model(model: nn.Module) -> nn.Module:
     """The model a user would deploy without pruning: a PEFT-wrapped input merged into a copy."""
-    from loraprune.passes.lora_importance import is_peft_model
-
     return copy.deepcopy(model).merge_and_unload() if is_peft_model(model) else model
 
 
 def _base_config(model: nn.Module):
-    from loraprune.passes.lora_importance import is_peft_model
-
     return (model.get_base_model() if is_peft_model(model) else model).config
 
 
@@ -175,7 +182,7 @@ def compile_model(options: CompileOptions, loaded=None) -> dict:
         with stages("load"):
             corpus = load_corpus(options.data or None)  # bad files fail before the model is read
             if loaded is None:
-                loaded = load_model(options.model, adapter=options.adapter,
+                loaded = load_model(options.model, adapter=options.adapter, device=options.device, dtype=options.dtype,
                                     trust_remote_code=options.trust_remote_code)
             data = _load_data(options, corpus, loaded.tokenizer)
         with staged_folder(out, options.force, COMPILE_MARKER) as tmp:
@@ -218,7 +225,7 @@ def _run(options: CompileOptions, loaded, data: _Data, stages: _Stages, tmp: Pat
     from loraprune.models.save import save_pretrained
     from loraprune.passes.dependency import analyze
 
-    config = options.select_config()
+    config = options.prune_config()
     dense = dense_model(loaded.model)
     analysis = None  # LoRAPrune's schedule analyses the PEFT-wrapped model itself: no second trace
     if not _iterative(options):
@@ -228,14 +235,14 @@ def _run(options: CompileOptions, loaded, data: _Data, stages: _Stages, tmp: Pat
         result, finetune = _prune(options, loaded.model, dense, analysis, data, config)
     with stages("save"):
         saved = _split_adapter(result, tmp / "adapter") if options.keep_adapter else result.model
-        save_pretrained(saved, result.plan, tmp / "model", dense_config=_base_config(loaded.model),
+        save_pretrained(saved, tmp / "model", plan=result.plan, dense_config=_base_config(loaded.model),
                         tokenizer=loaded.tokenizer)
     compact = result.model.eval()
     with stages("export"):
-        from loraprune.runtime.export import export_decode, export_prefill
+        from loraprune.runtime.export import export_decode, export_prefill, graph_name
 
-        onnx_paths = {"prefill": export_prefill(compact, tmp / "onnx" / "prefill.onnx"),
-                      "decode": export_decode(compact, tmp / "onnx" / "decode.onnx")}
+        onnx_paths = {stage: export(compact, tmp / "onnx" / graph_name(stage, options.target), target=options.target)
+                      for stage, export in (("prefill", export_prefill), ("decode", export_decode))}
     with stages("evaluate"):
         quality = _evaluate(options, dense, compact, onnx_paths, loaded.tokenizer, data)
     bench = None
@@ -251,32 +258,26 @@ def _run(options: CompileOptions, loaded, data: _Data, stages: _Stages, tmp: Pat
 
 
 def _prune(options: CompileOptions, model: nn.Module, dense: nn.Module, analysis, data: _Data,
-           config: SelectConfig):
+           config: PruneConfig):
     """(PruneResult, fine-tuning record). LoRAPrune's iterative schedule for "lora" with steps > 0; else the
     one-shot criterion, then LoRA recovery with the same budget."""
     from loraprune.api import prune
-    from loraprune.passes.lora_importance import lora_prune, lora_recover
+    from loraprune.lora.training import lora_recover
 
-    lora = {"lr": options.lr, "r": options.lora_r, "alpha": options.lora_alpha, "init": options.lora_init,
-            "seed": options.seed, "batch_size": options.batch_size, "progress": options.progress,
-            "checkpointing": options.checkpointing}
     if _iterative(options):
         # an input adapter is kept unmerged here: its factors seed the LoRA that scores and recovers
-        result = lora_prune(model, (data.example,), data.train, ratio=options.ratio, config=config,
-                            steps=options.steps, update_every=max(1, options.steps // 40), cooldown=options.cooldown,
-                            merge=not options.keep_adapter, **lora)
-        history = result.report["history"]
+        result = prune(model, (data.example,), config, batches=data.train)
         finetune = {"kind": "lora_prune", "steps": options.steps,
-                    "points": [{"step": h["step"], "loss": h["loss"], "ratio": h["ratio"]} for h in history]}
-        result.report["frozen"] = [_frozen(f) for f in result.analysis.frozen]
-        result.report["groups_pruned"] = _groups_pruned(result)
+                    "points": [{"step": h["step"], "loss": h["loss"], "ratio": h["ratio"]}
+                               for h in result.report.history]}
         return result, finetune
-    result = prune(dense, (data.example,), ratio=options.ratio, criterion=options.criterion, config=config,
-                   analysis=analysis, seed=options.seed, batches=data.calib, checkpointing=options.checkpointing,
-                   criterion_options={"init": options.lora_init})  # the criteria without LoRA ignore it
+    result = prune(dense, (data.example,), config, batches=data.calib, analysis=analysis)
     finetune = {"kind": "none", "steps": 0, "points": []}
     if options.steps > 0:
-        recovered, losses = lora_recover(result.model, data.train, steps=options.steps, **lora)
+        recovered, losses = lora_recover(result.model, data.train, steps=options.steps, lr=options.lr,
+                                         r=options.lora_r, alpha=options.lora_alpha, init=options.lora_init,
+                                         seed=options.seed, batch_size=options.batch_size, progress=options.progress,
+                                         checkpointing=options.checkpointing)
         result.model = recovered
         finetune = {"kind": "lora_recover", "steps": options.steps,
                     "points": [{"step": i + 1, "loss": v, "ratio": options.ratio} for i, v in enumerate(losses)]}
@@ -286,7 +287,7 @@ def _prune(options: CompileOptions, model: nn.Module, dense: nn.Module, analysis
 def _split_adapter(result, adapter_dir: Path) -> nn.Module:
     """Save the pruned adapter of an unmerged LoRA result to `adapter_dir`; turn the result into its merged,
     plain-named form (what is evaluated and exported) and return the compact base model to save beside it."""
-    from loraprune.passes.lora_importance import plain_groups, plain_name, plain_plan
+    from loraprune.lora.adapters import plain_groups, plain_name, plain_plan
 
     peft_model = result.model
     for config in peft_model.peft_config.values():  # saved beside the base it completes (a PiSSA residual
@@ -300,20 +301,6 @@ def _split_adapter(result, adapter_dir: Path) -> nn.Module:
 
 def _iterative(options: CompileOptions) -> bool:
     return options.criterion == "lora" and options.steps > 0
-
-
-def _frozen(f) -> dict:
-    from loraprune.passes.lora_importance import plain_name
-
-    return {"node": f.node, "op": f.op, "reason": f.reason, "params": [plain_name(p) for p in f.params]}
-
-
-def _groups_pruned(result) -> dict[str, int]:
-    pruned: dict[str, int] = {}
-    for g in result.groups:
-        if len(result.kept_units.get(g.name, range(g.num_units))) < g.num_units:
-            pruned[g.kind] = pruned.get(g.kind, 0) + 1
-    return pruned
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -333,7 +320,7 @@ def _evaluate(options: CompileOptions, dense: nn.Module, compact: nn.Module, onn
     """Held-out perplexity of dense, compact (torch) and compact (ONNX Runtime); ONNX logit parity; greedy
     generations of dense and compact, and whether ORT's KV-cache loop writes the same tokens as torch."""
     from loraprune.evaluate import DEFAULT_PROMPTS, perplexity, sample_generations
-    from loraprune.passes.verify import compare_logits, logits
+    from loraprune.passes.verify import compare_logits, logits, model_dtype
     from loraprune.runtime.attention import attention_summary
     from loraprune.runtime.generate import ort_generate
     from loraprune.runtime.session import make_session
@@ -344,8 +331,14 @@ def _evaluate(options: CompileOptions, dense: nn.Module, compact: nn.Module, onn
     after = perplexity(compact, data.held_out, progress=progress)
     after_onnx = perplexity(ort_logits(session), data.held_out, progress=progress)
     probe = data.held_out[:2]
-    parity = compare_logits(logits(compact, (probe,)), ort_logits(session)(probe).float())
-    parity["ok"] = parity["relative_diff"] <= 1e-3  # ORT fuses and reorders float ops: a looser bound
+    dtype = model_dtype(compact)
+    parity = compare_logits(logits(compact, (probe,)), ort_logits(session)(probe).float(), dtype=dtype)
+    parity["tolerance"] = max(1e-3, parity["tolerance"])  # ORT fuses and reorders float ops: a looser bound
+    parity["ok"] = parity["relative_diff"] <= parity["tolerance"]
+    if not parity["ok"]:
+        raise RuntimeError(f"ONNX parity failed: {onnx_paths['prefill'].name}'s logits differ from PyTorch's by "
+                           f"{parity['relative_diff']:.2e} (relative; the bound for {dtype} is "
+                           f"{parity['tolerance']:.0e})")
     generations = []
     if options.gen_tokens > 0:
         dense_gen = sample_generations(dense, tokenizer, max_new_tokens=options.gen_tokens)
@@ -373,7 +366,7 @@ def _bench(options: CompileOptions, dense: nn.Module, compact: nn.Module, onnx_p
         results = bench_pair(dense, compact, grid=options.bench_grid, decode_tokens=options.decode_tokens,
                              threads=options.threads or torch.get_num_threads(), runs=options.bench_runs,
                              warmup=2, workdir=workdir, progress=options.progress,
-                             exported={"compact": onnx_paths})
+                             exported={"compact": onnx_paths}, export_options={"target": options.target})
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     write_report(results, tmp / "bench")
@@ -389,16 +382,25 @@ def _report(options: CompileOptions, loaded, data: _Data, result, finetune: dict
         "format": REPORT_FORMAT,
         "model": loaded.name, "source": loaded.source, "adapter": options.adapter, "data": data.source,
         "ratio": options.ratio, "criterion": options.criterion, "seed": options.seed,
-        "params_before": r["params_before"], "params_after": r["params_after"],
-        "params_removed_fraction": 1 - r["params_after"] / r["params_before"],
-        "macs_before": r["macs_before"], "macs_after": r["macs_after"], "macs_input": list(data.example.shape),
-        "groups": result.analysis.by_kind(), "groups_pruned": r.get("groups_pruned", {}), "frozen": r.get("frozen", []),
-        "verify": r["verify"], **quality, "finetune": finetune,
+        "method": r.config, "params_before": r.params_before, "params_after": r.params_after,
+        "params_removed_fraction": r.params_removed_fraction,
+        "macs_before": r.macs_before, "macs_after": r.macs_after, "macs_input": list(data.example.shape),
+        "groups": r.groups, "groups_pruned": r.groups_pruned, "frozen": r.frozen,
+        "verify": r.verify, **quality, "finetune": finetune,
         "bench": None if bench is None else {"meta": bench["meta"], "models": bench["models"],
                                              "rows": bench["rows"], "ort_vs_torch": bench["ort_vs_torch"]},
         "timings": dict(timings), "options": options.to_dict(),
+        "placement": _placement(loaded.model).to_dict(),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
+
+
+def _placement(model: nn.Module) -> Placement:
+    """Where the job ran and in which dtype, read from the model itself (what ran, not what was asked)."""
+    from loraprune.lora.training import device_of
+    from loraprune.passes.verify import model_dtype
+
+    return Placement(device_of(model), model_dtype(model))
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -440,14 +442,17 @@ def render_markdown(report: dict) -> str:
     ev = report["eval"]
     lines += [f"Perplexity protocol: {ev['windows']} windows of {ev['window']} tokens, {ev['text']}.", ""]
     v, p = report["verify"], report["onnx_parity"]
-    lines += [f"- rewrite verified against the masked model: {'ok' if v['ok'] else 'FAILED'} "
-              f"(max relative logit difference {v['relative_diff']:.1e}{'' if v['exact'] else ', approximate'})",
+    where = report["placement"]
+    lines += [f"- ran on {where['device']} in {where['dtype']}",
+              f"- rewrite verified against the masked model: {'ok' if v['ok'] else 'FAILED'} "
+              f"(max relative logit difference {v['relative_diff']:.1e}, bound {v['tolerance']:.0e}"
+              f"{'' if v['exact'] else ', approximate'})",
               f"- ONNX prefill parity with torch: {'ok' if p['ok'] else 'FAILED'} "
-              f"(max relative logit difference {p['relative_diff']:.1e})"]
+              f"(max relative logit difference {p['relative_diff']:.1e}, bound {p['tolerance']:.0e})"]
     for graph, att in report.get("onnx_attention", {}).items():
         reasons = "".join(f"\n  - {layer}: {why}" for layer, why in att["unfused"].items())
         lines.append(f"- ONNX {graph} graph: {att['fused']}/{att['layers']} attention layers fused into one "
-                     f"Attention node each{reasons}")
+                     f"{att.get('op', 'Attention')} node each{reasons}")
     gens = report.get("generations") or []
     if gens:
         matches = sum(g["onnx_matches_torch"] for g in gens)

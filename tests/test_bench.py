@@ -22,7 +22,7 @@ def results(tmp_path_factory):
     try:
         torch.manual_seed(0)
         dense = tiny_llama()
-        compact = loraprune.prune(dense, token_ids(1, 8), ratio=0.5, criterion="magnitude").model
+        compact = loraprune.prune(dense, token_ids(1, 8), loraprune.MagnitudeConfig(ratio=0.5)).model
         return bench_pair(dense, compact, grid=((1, 8),), decode_tokens=4, threads=1, runs=2, warmup=1,
                           workdir=tmp_path_factory.mktemp("bench_onnx"))
     finally:

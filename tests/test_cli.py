@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from zoo import tiny_llama
+from zoo import save_with_tokenizer, tiny_llama
 
 from loraprune.cli import main
 
@@ -29,6 +29,32 @@ def test_prune_tiny_local_model(tmp_path, capsys):
     assert (out / "loraprune_plan.json").exists() and (out / "model.safetensors").exists()
     assert main(["prune", str(model_dir), "--ratio", "0.5", "--out", str(out)]) == 2  # exists, no --force
     assert "exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("criterion, extra", [("taylor", []), ("random", []),
+                                              ("lora", ["--steps", "2", "--data", "TEXT"])])
+def test_prune_takes_every_criterion(criterion, extra, tmp_path):
+    """lora and taylor read text: --data, or the default text (Python's reference docs)."""
+    model_dir, out, text = tmp_path / "tiny", tmp_path / "out", tmp_path / "notes.txt"
+    save_with_tokenizer(tiny_llama(layers=2), model_dir)
+    text.write_text("\n\n".join(f"Paragraph {i}: " + "pruning keeps the heads that matter. " * 8 for i in range(40)))
+    argv = ["prune", str(model_dir), "--criterion", criterion, "--ratio", "0.5", "--out", str(out)]
+    assert main(argv + [str(text) if a == "TEXT" else a for a in extra]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["criterion"] == criterion and report["config"]["method"] == criterion
+    assert report["params_after"] < report["params_before"] and report["verify"]["ok"]
+    assert bool(report["history"]) == (criterion == "lora")  # the schedule's mask updates
+
+
+def test_prune_with_a_text_criterion_and_no_tokenizer_is_one_line(tmp_path, capsys):
+    model_dir = tmp_path / "tiny"
+    tiny_llama(layers=2).save_pretrained(model_dir)
+    capsys.readouterr()
+    assert main(["prune", str(model_dir), "--criterion", "taylor", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # the model was read first: its loading bar stands above
+    assert err[-1] == "loraprune prune: error: criterion 'taylor' needs text, and the model has no tokenizer"
+    assert sum("error" in line for line in err) == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_inspect_json_on_a_local_folder(tmp_path, capsys):

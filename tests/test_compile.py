@@ -56,7 +56,7 @@ def test_compile_writes_a_consistent_report_and_loadable_outputs(compiled, tiny_
     assert report["verify"]["ok"] and report["onnx_parity"]["ok"]
     assert report["ppl_after_onnx"] == pytest.approx(report["ppl_after"], rel=1e-3)
     for graph in ("prefill", "decode"):  # every pruned layer still runs fused, with its own head counts
-        assert report["onnx_attention"][graph] == {"layers": 2, "fused": 2, "unfused": {}}
+        assert report["onnx_attention"][graph] == {"op": "Attention", "layers": 2, "fused": 2, "unfused": {}}
     assert report["groups_pruned"] == {"attention": 2, "mlp": 2} and report["frozen"] == []
     assert report["finetune"]["kind"] == "lora_prune" and report["finetune"]["points"][-1]["ratio"] == 0.5
     assert all(g["onnx_matches_torch"] for g in report["generations"])
@@ -174,6 +174,8 @@ BAD = {
                    "text too short"),
     "bad data type": (lambda d: (d / "x.csv").write_text("a,b") and ["TINY", "--data", str(d / "x.csv")],
                       "unsupported file type"),
+    "a GPU that is not there": (lambda d: ["TINY", "--device", "cuda:99"], "device 'cuda:99' was asked for"),
+    "unknown device": (lambda d: ["TINY", "--device", "tpu"], "unknown device 'tpu'"),
 }
 
 
@@ -187,6 +189,33 @@ def test_bad_input_one_line_exit_2_no_output(case, tiny_folder, tmp_path, capsys
     assert needle in err and len(err.splitlines()) == 1, err
     assert err.startswith("loraprune compile: error:")
     assert _no_output(out)
+
+
+def test_bf16_compile_for_a_cuda_target_on_the_cpu(compiled, tiny_folder, tmp_path, capsys):
+    """The whole job in bf16 (LoRA factors and their optimiser state in fp32) with graphs for a CUDA target
+    (GroupQueryAttention), run on the CPU: the rewrite verified within the bf16 bound, ONNX parity within its
+    bound, perplexity within 5% of the fp32 run with the same options."""
+    out = tmp_path / "bf16"
+    assert main(["compile", str(tiny_folder), "--ratio", "0.5", "--out", str(out), "--device", "cpu",
+                 "--dtype", "bf16", "--target", "cuda", *FAST]) == 0
+    report, fp32 = (json.loads((folder / "report.json").read_text()) for folder in (out, compiled))
+    assert report["placement"] == {"device": "cpu", "dtype": "bf16"}
+    assert fp32["placement"] == {"device": "cpu", "dtype": "fp32"}
+    assert report["verify"]["ok"] and report["verify"]["tolerance"] == 8 * torch.finfo(torch.bfloat16).eps
+    assert report["onnx_parity"]["ok"] and report["onnx_parity"]["relative_diff"] <= report["onnx_parity"]["tolerance"]
+    assert report["ppl_after"] == pytest.approx(fp32["ppl_after"], rel=0.05)
+    assert report["ppl_after_onnx"] == pytest.approx(report["ppl_after"], rel=0.05)
+    for graph in ("prefill", "decode"):
+        assert report["onnx_attention"][graph] == {"op": "GroupQueryAttention", "layers": 2, "fused": 2,
+                                                   "unfused": {}}
+    assert sorted(p.name for p in (out / "onnx").glob("*.onnx")) == ["decode_cuda.onnx", "prefill_cuda.onnx"]
+    assert all(g["onnx_matches_torch"] for g in report["generations"])
+    assert load_pretrained(out / "model").dtype == torch.bfloat16  # saved as it ran
+    assert "ran on cpu in bf16" in (out / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["eval", str(out), "--onnx", "--eval-window", "64", "--eval-windows", "4", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)  # the folder's own (CUDA-target) graph, found without flags
+    assert result["ppl_onnx"] == pytest.approx(report["ppl_after_onnx"], rel=1e-3)
 
 
 def test_existing_output_needs_force_and_strangers_folders_are_never_replaced(tiny_folder, tmp_path, capsys):

@@ -16,7 +16,7 @@ from zoo import (
     token_ids,
 )
 
-from loraprune import SelectConfig, analyze, prune
+from loraprune import MagnitudeConfig, analyze, prune
 
 
 def kinds(analysis, kind):
@@ -89,7 +89,7 @@ def test_head_dim_norm_shared_by_the_heads_is_left_whole(name, norms):
     assert len(attention) == 2 and all(g.num_units == 4 and g.unit_size == 16 for g in attention)
     members = {p for g in a.groups for p, _ in list(g.members) + list(g.kv_members)}
     assert not [p for p in members if any(f".{n}." in p for n in norms)]
-    compact = prune(model, token_ids(), config=SelectConfig(ratio=0.5, exclude_first=0, exclude_last=False)).model
+    compact = prune(model, token_ids(), MagnitudeConfig(ratio=0.5, exclude_first=0, exclude_last=False)).model
     before, after = model.state_dict(), compact.state_dict()
     for key in [k for k in before if any(f".{n}." in k for n in norms)]:
         assert torch.equal(after[key], before[key])
@@ -122,15 +122,15 @@ def test_per_head_gain_is_sliced_with_its_head_and_a_shared_scale_is_not():
     (g,) = kinds(a, "attention")
     assert g.num_units == 4 and ("0.gain", 0) in g.members
     assert not any(p == "0.scale" for p, _ in g.members)
-    result = prune(model, x, config=SelectConfig(ratio=0.5, exclude_first=0, exclude_last=False))
+    result = prune(model, x, MagnitudeConfig(ratio=0.5, exclude_first=0, exclude_last=False))
     assert result.model[0].gain.shape == (2, 1, 1) and torch.equal(result.model[0].scale, model[0].scale)
 
 
 def test_attention_module_that_is_the_model_itself_is_patched():
     torch.manual_seed(0)
     model = HeadGainAttention().eval()
-    result = prune(model, torch.randn(2, 5, 32), config=SelectConfig(ratio=0.5, exclude_first=0, exclude_last=False))
-    assert result.report["verify"]["ok"] and (result.model.num_heads, model.num_heads) == (2, 4)
+    result = prune(model, torch.randn(2, 5, 32), MagnitudeConfig(ratio=0.5, exclude_first=0, exclude_last=False))
+    assert result.report.verify["ok"] and (result.model.num_heads, model.num_heads) == (2, 4)
 
 
 class FixedPartitions(nn.Module):
@@ -171,7 +171,7 @@ def test_falcon_qkv_laid_out_per_kv_group_is_pruned_by_heads_and_by_groups():
     assert g.kv_members[qkv].tolist() == [-1] * 32 + [0] * 32 + [-1] * 32 + [1] * 32
     cfg = dict(ratio=0.5, exclude_first=0, exclude_last=False)
     for attention, heads, kv in (("query_heads", 2, 2), ("kv_groups", 2, 1)):
-        compact = prune(model, token_ids(), config=SelectConfig(attention=attention, **cfg)).model
+        compact = prune(model, token_ids(), MagnitudeConfig(attention=attention, **cfg)).model
         attn = compact.transformer.h[0].self_attention
         assert (attn.num_heads, attn.num_kv_heads, attn.query_key_value.out_features) == (heads, kv,
                                                                                              (heads + 2 * kv) * 16)
@@ -185,8 +185,8 @@ def test_multi_query_key_broadcast_over_the_heads_is_a_copy_not_a_tie(attn):
     model = tiny_falcon_mqa(attn)
     a = analyze(model, token_ids())
     assert [(g.num_units, g.num_kv_units, g.unit_size) for g in kinds(a, "attention")] == [(4, 1, 16)] * 2
-    config = SelectConfig(ratio=0.5, attention="query_heads", exclude_first=0, exclude_last=False)
-    compact = prune(model, token_ids(), config=config).model
+    config = MagnitudeConfig(ratio=0.5, attention="query_heads", exclude_first=0, exclude_last=False)
+    compact = prune(model, token_ids(), config).model
     assert compact.transformer.h[0].self_attention.query_key_value.out_features == (2 + 2) * 16
 
 
@@ -205,11 +205,11 @@ def test_latent_attention_key_part_shared_by_all_heads_is_no_kv_head(attn):
     # kv_b_proj rows per head: 8 key rows then 16 value rows, all the head's own
     assert g.members[(g.name + ".kv_b_proj.weight", 0)].tolist() == [h for h in range(4) for _ in range(24)]
     assert not [p for grp in a.groups for p, _ in grp.members if "kv_a_proj_with_mqa" in p]
-    config = SelectConfig(ratio=0.5, exclude_first=0, exclude_last=False)
-    result = prune(model, token_ids(), config=config)
+    config = MagnitudeConfig(ratio=0.5, exclude_first=0, exclude_last=False)
+    result = prune(model, token_ids(), config)
     attn_module = result.model.model.layers[0].self_attn
     assert (attn_module.num_heads, attn_module.num_key_value_groups, attn_module.o_proj.in_features) == (2, 1, 32)
-    assert result.report["verify"]["ok"]
+    assert result.report.verify["ok"]
     out = result.model.generate(token_ids(1, 5), max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert out.shape == (1, 8)
 
@@ -221,8 +221,8 @@ def test_complex_rotary_keeps_heads_prunable():
     a = analyze(model, token_ids())
     assert not {f.op for f in a.frozen} & {"aten::view_as_complex", "aten::view_as_real"}
     assert [(g.num_units, g.num_kv_units, g.unit_size) for g in kinds(a, "attention")] == [(4, 2, 16)] * 2
-    result = prune(model, token_ids(), config=SelectConfig(ratio=0.5, exclude_first=0, exclude_last=False))
-    assert result.report["verify"]["ok"] and result.model.model.layers[0].self_attn.q_proj.out_features == 32
+    result = prune(model, token_ids(), MagnitudeConfig(ratio=0.5, exclude_first=0, exclude_last=False))
+    assert result.report.verify["ok"] and result.model.model.layers[0].self_attn.q_proj.out_features == 32
 
 
 class LiteralBuffer(nn.Module):
@@ -241,7 +241,7 @@ class LiteralBuffer(nn.Module):
 def test_channels_written_at_literal_positions_move_as_one():
     a = analyze(LiteralBuffer(), torch.randn(2, 8))
     assert not a.frozen and not [g for g in a.groups if g.num_units > 1]
-    result = prune(LiteralBuffer(), torch.randn(2, 8), config=SelectConfig(ratio=0.5, exclude_first=0,
+    result = prune(LiteralBuffer(), torch.randn(2, 8), MagnitudeConfig(ratio=0.5, exclude_first=0,
                                                                            exclude_last=False))
     assert result.model.up.out_features == 6
 
@@ -278,7 +278,7 @@ def test_repeat_makes_each_copy_of_a_channel_that_channel():
     a = analyze(Tiled(), torch.randn(2, 8))
     (g,) = a.groups
     assert g.members[("down.weight", 1)].tolist() == list(range(16)) * 2
-    result = prune(Tiled(), torch.randn(2, 8), config=SelectConfig(ratio=0.5, exclude_first=0, exclude_last=False))
+    result = prune(Tiled(), torch.randn(2, 8), MagnitudeConfig(ratio=0.5, exclude_first=0, exclude_last=False))
     assert result.model.down.in_features == 16
 
 
@@ -324,7 +324,7 @@ def test_attention_sinks_reduced_with_max_keep_heads_prunable():
     a = analyze(model, token_ids())
     g = kinds(a, "attention")[0]
     assert g.num_units == 4 and (g.name + ".sinks", 0) in g.members
-    result = prune(model, token_ids(), config=SelectConfig(ratio=0.5, exclude_first=0, exclude_last=False))
+    result = prune(model, token_ids(), MagnitudeConfig(ratio=0.5, exclude_first=0, exclude_last=False))
     assert result.model.model.layers[0].self_attn.sinks.shape == (2,)
 
 
@@ -336,7 +336,7 @@ def test_bloom_alibi_keeps_heads_whole_by_rule_not_by_omission():
     a = analyze(model, token_ids())
     assert not a.frozen and not kinds(a, "attention")  # baddbmm has a rule: ALiBi differs per head
     assert len(kinds(a, "mlp")) == 2
-    prune(model, token_ids(), config=SelectConfig(ratio=0.5, exclude_first=0, exclude_last=False))
+    prune(model, token_ids(), MagnitudeConfig(ratio=0.5, exclude_first=0, exclude_last=False))
 
 
 def test_mixture_of_experts_keeps_its_routed_experts_and_prunes_attention():
@@ -441,3 +441,17 @@ def test_decomposed_transposed_convolution_is_frozen_not_misread():
         ("aten::convolution", "transposed convolution: its weight is [in, out/groups]")]
     assert "up.weight" in a.frozen[0].params
     assert all("up.weight" not in g.params for g in a.groups)
+
+
+def test_a_rule_that_breaks_raises_and_says_where(monkeypatch):
+    """Only a rule that declines (NoRule) freezes channels; any other error inside a rule is a bug: it keeps its
+    type and traceback, with a note naming the rule and the node."""
+    from loraprune.passes import rules
+
+    def broken(ctx, node):
+        raise ZeroDivisionError("a bug in the rule")
+
+    monkeypatch.setitem(rules.RULES, "aten::silu", broken)
+    with pytest.raises(ZeroDivisionError, match="a bug in the rule") as info:
+        analyze(tiny_llama(), token_ids())
+    assert any("dependency rule for aten::silu at node silu" in note for note in info.value.__notes__)

@@ -13,7 +13,8 @@ from accelerate.state import AcceleratorState
 
 from loraprune import analyze
 from loraprune.distributed import accelerated_lora_scores, shard_step, tiny_batches, tiny_llama_model
-from loraprune.passes.lora_importance import add_lora, lora_criterion, lora_layers
+from loraprune.lora.adapters import add_lora, lora_layers
+from loraprune.passes.criteria.lora import lora_criterion
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,24 +8,14 @@ import torch
 from peft import PeftModel
 from zoo import tiny_deepseek_v3, tiny_gpt2, tiny_llama, tiny_llama4, tiny_mixtral, token_ids
 
-from loraprune import SelectConfig, analyze, prune
+from loraprune import LoRAPruneConfig, MagnitudeConfig, SelectConfig, analyze, prune
+from loraprune.lora.adapters import add_lora, linear_targets, lora_layers, plain_groups, plain_name
+from loraprune.lora.training import GradientStats, causal_lm_loss
 from loraprune.passes.checkpointing import activation_checkpointing
-from loraprune.passes.importance import CRITERIA, scores_from_meta
-from loraprune.passes.lora_importance import (
-    GradientStats,
-    LoRAScorer,
-    add_lora,
-    causal_lm_loss,
-    cubic_ratio,
-    estimated_gradient,
-    iterative_prune,
-    linear_targets,
-    lora_layers,
-    lora_prune,
-    plain_groups,
-    plain_name,
-)
+from loraprune.passes.criteria import CRITERIA, scores_from_meta
+from loraprune.passes.criteria.lora import LoRAScorer, estimated_gradient
 from loraprune.passes.rewrite import apply_plan, make_plan, masked_copy
+from loraprune.passes.schedule import cubic_ratio, iterative_prune
 from loraprune.passes.select import select_units
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -123,9 +113,9 @@ def test_lora_criterion_on_a_plain_model_leaves_it_plain():
     torch.testing.assert_close(logits(model, x), before)
     mlp = [g for g in groups if g.kind == "mlp"]
     assert all(scores.units[g.name].std() > 0 for g in mlp)
-    result = prune(model, x, ratio=0.5, config=SelectConfig(ratio=0.5, exclude_first=0, exclude_last=False),
-                   scores=scores, analysis=analyze(model, x))
-    assert result.report["params_after"] < result.report["params_before"]
+    result = prune(model, x, MagnitudeConfig(ratio=0.5, exclude_first=0, exclude_last=False), scores=scores,
+                   analysis=analyze(model, x))
+    assert result.report.params_after < result.report.params_before
     with pytest.raises(ValueError, match="batches"):
         CRITERIA["lora"](model, groups)
 
@@ -167,8 +157,8 @@ def test_pissa_scoring_on_a_plain_model_never_changes_it():
     mlp = [g.name for g in groups if g.kind == "mlp"]
     assert all(pissa.units[n].std() > 0 for n in mlp)
     assert any(not np.allclose(pissa.units[n], standard.units[n]) for n in mlp)
-    # prune() hands criterion_options to the criterion: the scores it writes onto the graph are PiSSA's
-    result = prune(model, x, ratio=0.5, criterion="lora", batches=batches, criterion_options={"init": "pissa"})
+    # prune() hands the config's options to the criterion: the scores it writes onto the graph are PiSSA's
+    result = prune(model, x, LoRAPruneConfig(ratio=0.5, steps=0, init="pissa"), batches=batches)
     on_graph = scores_from_meta(result.analysis.program)
     for n in mlp:
         np.testing.assert_allclose(on_graph[n]["unit_scores"], pissa.units[n], rtol=1e-6)
@@ -203,9 +193,10 @@ def test_iterative_schedule_rewrite_and_merge(attention, init, monkeypatch):
     x = token_ids(3, 11, seed=7)
     batches = [token_ids(2, 16, seed=s) for s in range(5)]
     config = SelectConfig(ratio=0.5, attention=attention, exclude_first=0, exclude_last=False)
-    args = dict(ratio=0.5, config=config, steps=30, update_every=5, lr=1e-2, progress=False, seed=0)
+    args = dict(steps=30, update_every=5, lr=1e-2, cooldown=0.1, progress=False, seed=0)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    result = lora_prune(model, token_ids(), batches, count_macs=False, init=init, **args)
+    one_verb = LoRAPruneConfig(**config.to_dict(), count_macs=False, init=init, **args)
+    result = prune(model, token_ids(), one_verb, batches=batches)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # PiSSA worked on a copy
     assert isinstance(result.model, type(model)) and not lora_layers(result.model)
 
@@ -216,7 +207,8 @@ def test_iterative_schedule_rewrite_and_merge(attention, init, monkeypatch):
     scored = []
     update = LoRAScorer.update
     monkeypatch.setattr(LoRAScorer, "update", lambda self: (scored.append(self.steps), update(self))[1])
-    kept, history = iterative_prune(peft_model, analysis, batches, checkpointing=attention == "kv_groups", **args)
+    kept, history = iterative_prune(peft_model, analysis, batches, ratio=0.5, config=config,
+                                    checkpointing=attention == "kv_groups", **args)
     assert {plain_name(k): v.tolist() for k, v in kept.items()} == {k: v.tolist() for k, v in
                                                                      result.kept_units.items()}
 
@@ -249,15 +241,15 @@ def test_iterative_schedule_rewrite_and_merge(attention, init, monkeypatch):
     reapplied = apply_plan(model, result.plan)
     assert {k: v.shape for k, v in reapplied.state_dict().items()} == \
            {k: v.shape for k, v in result.model.state_dict().items()}
-    assert result.report["params_after"] < result.report["params_before"]
+    assert result.report.params_after < result.report.params_before
 
 
 def test_lora_prune_unmerged_and_conv1d():
     model = tiny_gpt2()
     batches = [token_ids(2, 16, seed=s) for s in range(3)]
-    config = SelectConfig(ratio=0.25, exclude_first=0, exclude_last=False)
-    result = lora_prune(model, token_ids(), batches, ratio=0.25, config=config, steps=10, update_every=3,
-                        merge=False, progress=False, count_macs=False)
+    config = LoRAPruneConfig(ratio=0.25, exclude_first=0, exclude_last=False, steps=10, update_every=3, lr=1e-4,
+                             cooldown=0.1, merge=False, progress=False, count_macs=False)
+    result = prune(model, token_ids(), config, batches=batches)
     assert isinstance(result.model, PeftModel)
     c_fc = result.model.base_model.model.transformer.h[0].mlp.c_fc
     assert c_fc.base_layer.weight.shape == (64, 192) and c_fc.lora_B["default"].weight.shape == (192, 8)
@@ -273,9 +265,9 @@ def test_lora_on_a_mixture_of_experts_adapts_the_linear_layers_and_prunes_attent
     model = tiny_mixtral()
     assert linear_targets(model) == ["k_proj", "o_proj", "q_proj", "v_proj"]
     batches = [token_ids(2, 16, seed=s) for s in range(2)]
-    config = SelectConfig(ratio=0.5, exclude_first=0, exclude_last=False)
-    result = lora_prune(model, token_ids(), batches, ratio=0.5, config=config, steps=4, update_every=2,
-                        progress=False, count_macs=False)
+    config = LoRAPruneConfig(ratio=0.5, exclude_first=0, exclude_last=False, steps=4, update_every=2, lr=1e-4,
+                             cooldown=0.1, progress=False, count_macs=False)
+    result = prune(model, token_ids(), config, batches=batches)
     compact, dense = result.model.state_dict(), model.state_dict()
     assert compact["model.layers.0.self_attn.q_proj.weight"].shape == (32, 64)
     for key in [k for k in dense if ".experts." in k]:
@@ -299,9 +291,9 @@ def test_a_linear_layer_that_returns_a_tuple_gets_no_adapter():
     targets = linear_targets(model)
     assert "router" not in targets and "q_proj" in targets
     batches = [token_ids(2, 16, seed=s) for s in range(2)]
-    config = SelectConfig(ratio=0.5, exclude_first=0, exclude_last=False)
-    result = lora_prune(model, token_ids(), batches, ratio=0.5, config=config, steps=4, update_every=2,
-                        progress=False, count_macs=False)
+    config = LoRAPruneConfig(ratio=0.5, exclude_first=0, exclude_last=False, steps=4, update_every=2, lr=1e-4,
+                             cooldown=0.1, progress=False, count_macs=False)
+    result = prune(model, token_ids(), config, batches=batches)
     assert result.model.model.layers[1].feed_forward.router.weight.shape == (2, 64)
     assert result.model.model.layers[0].self_attn.q_proj.out_features == 32
 
@@ -334,8 +326,8 @@ class FlippedLM(torch.nn.Module):
 def test_lora_prune_of_a_model_with_nothing_prunable_says_so():
     batches = [token_ids(2, 16, seed=s) for s in range(2)]
     with pytest.raises(ValueError, match="nothing to prune in FlippedLM: the dependency pass found no group"):
-        lora_prune(FlippedLM(), token_ids(), batches, ratio=0.5, steps=2, progress=False, count_macs=False,
-                   target=["up"])
+        prune(FlippedLM(), token_ids(), LoRAPruneConfig(ratio=0.5, steps=2, progress=False, count_macs=False,
+                                                        target=["up"]), batches=batches)
 
 
 _PEAK_SCRIPT = """
@@ -344,7 +336,7 @@ import torch
 from zoo import tiny_llama, token_ids
 from loraprune import analyze
 from loraprune.passes.checkpointing import activation_checkpointing
-from loraprune.passes.importance import CRITERIA, scores_from_meta
+from loraprune.passes.criteria import CRITERIA, scores_from_meta
 from loraprune.runtime.bench import stage_allocated_mb, stage_memory_mb
 
 torch.manual_seed(0)
@@ -384,3 +376,18 @@ def test_lora_scoring_peak_memory_is_below_taylor():
     # the same comparison in live tensor bytes (torch's allocations, whatever glibc keeps resident)
     assert live["taylor"] > 0.5 * weights_mb, (live, weights_mb)
     assert live["lora"] < 0.5 * live["taylor"], (live, weights_mb)
+
+
+def test_a_bf16_model_is_tuned_with_fp32_factors_and_verified_within_the_bf16_bound():
+    """The mixed-precision LoRA recipe: the base stays in the model's dtype, the factors (and so their gradients
+    and AdamW state) are fp32, the scores are accumulated in float64; the compact model keeps the dtype."""
+    model = tiny_llama(layers=2).to(torch.bfloat16)
+    peft_model = add_lora(copy.deepcopy(model))
+    dtypes = {("lora_" in n, p.dtype) for n, p in peft_model.named_parameters()}
+    assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}
+    config = LoRAPruneConfig(ratio=0.5, exclude_first=0, exclude_last=False, steps=4, update_every=2, lr=1e-3,
+                             progress=False, count_macs=False)
+    result = prune(model, token_ids(), config, batches=[token_ids(2, 16, seed=s) for s in range(2)])
+    assert {p.dtype for p in result.model.parameters()} == {torch.bfloat16}
+    assert result.report.verify["ok"] and result.report.verify["tolerance"] == 8 * torch.finfo(torch.bfloat16).eps
+    assert result.report.params_after < result.report.params_before

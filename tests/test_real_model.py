@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from loraprune import SelectConfig, analyze, prune
+from loraprune import MagnitudeConfig, analyze, prune
 from loraprune.cli import main
 from loraprune.passes.rewrite import masked_copy
 
@@ -32,8 +32,8 @@ def test_groups_of_smollm2(smollm2):
 
 def test_smollm2_compact_equals_masked(smollm2):
     x = torch.arange(5, 37).unsqueeze(0)
-    config = SelectConfig(ratio=0.5, attention="query_heads")
-    result = prune(smollm2, x, ratio=0.5, config=config)
+    config = MagnitudeConfig(ratio=0.5, attention="query_heads")
+    result = prune(smollm2, x, config)
     masked = masked_copy(smollm2, result.groups, result.kept_units)
     with torch.no_grad():
         torch.testing.assert_close(result.model(x).logits, masked(x).logits, atol=1e-3, rtol=1e-4)
@@ -41,10 +41,39 @@ def test_smollm2_compact_equals_masked(smollm2):
     assert layer.mlp.up_proj.out_features == 768
     assert layer.self_attn.q_proj.out_features == 3 * 64  # 1 of 3 heads kept in each of the 3 KV groups
     assert result.model.model.layers[0].mlp.up_proj.out_features == 1536  # first 10% of layers kept whole
-    assert result.report["params_after"] < result.report["params_before"]
+    assert result.report.params_after < result.report.params_before
 
 
 def test_cli_inspect_default_model(capsys):
     assert main(["inspect"]) == 0
     out = capsys.readouterr().out
     assert "30 attention, 1 hidden, 30 mlp" in out and "9 units of 64 channels in 3 KV groups" in out
+
+
+def test_compact_smollm2_as_group_query_attention_equals_torch(smollm2, tmp_path):
+    """The CUDA-target graph of the compact SmolLM2 (its first and last layers keep all heads, so head counts
+    differ by layer) on ORT's CPU execution provider: prompt logits and 32 greedy KV-cache tokens equal PyTorch's."""
+    import numpy as np
+    import onnx
+
+    from loraprune.runtime.export import export_decode
+    from loraprune.runtime.generate import ort_generate
+    from loraprune.runtime.session import make_session
+
+    compact = prune(smollm2, torch.arange(5, 37).unsqueeze(0), MagnitudeConfig(ratio=0.5)).model
+    path = export_decode(compact, tmp_path / "decode_cuda.onnx", target="cuda")
+    nodes = [n for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type == "GroupQueryAttention"]
+    heads = [{a.name: a.i for a in n.attribute}["num_heads"] for n in nodes]
+    assert heads == [layer.self_attn.q_proj.out_features // 64 for layer in compact.model.layers]
+    assert len(set(heads)) == 2
+    session = make_session(path, provider="cpu")
+    prompt = torch.tensor([[1, 504, 3287, 314, 260, 1836, 30]])
+    with torch.no_grad():
+        ref = compact.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
+        logits = compact(prompt).logits.numpy()
+    feeds = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in session.get_inputs()
+             if i.name.startswith("past_")}
+    got = session.run(["logits"], {"input_ids": prompt.numpy(), "attention_mask": np.ones((1, 7), np.int64)} | feeds)
+    np.testing.assert_allclose(got[0], logits, atol=2e-3, rtol=1e-3)
+    tokens = ort_generate(None, session, prompt.numpy(), 32)
+    np.testing.assert_array_equal(tokens, ref.numpy())

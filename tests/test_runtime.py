@@ -90,22 +90,30 @@ MODELS = {"llama": tiny_llama, "mistral": tiny_mistral, "qwen2": tiny_qwen2, "gp
           "nonuniform": nonuniform_llama}
 
 
+@pytest.fixture(scope="module", params=list(attention.TARGETS))
+def target(request) -> str:
+    """Every graph test runs for both deployment targets: the CPU's standard Attention op and CUDA's
+    GroupQueryAttention, the latter on ORT's CPU execution provider."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def decode_graphs(tmp_path_factory):
+def decode_graphs(tmp_path_factory, target):
     """One decode export per model, shared by the tests below (exports dominate this file's runtime)."""
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("decode")
     out = {}
     for name, build in MODELS.items():
         model = build()
-        out[name] = (model, export_decode(model, root / f"{name}.onnx"))
+        out[name] = (model, export_decode(model, root / f"{name}.onnx", target=target))
     return out
 
 
 @pytest.fixture(scope="module")
-def prefill_graphs(tmp_path_factory, decode_graphs):
+def prefill_graphs(tmp_path_factory, decode_graphs, target):
     root = tmp_path_factory.mktemp("prefill")
-    return {name: (decode_graphs[name][0], export_prefill(decode_graphs[name][0], root / f"{name}.onnx"))
+    return {name: (decode_graphs[name][0], export_prefill(decode_graphs[name][0], root / f"{name}.onnx",
+                                                          target=target))
             for name in ("llama", "gpt2", "nonuniform")}
 
 
@@ -177,9 +185,9 @@ def test_greedy_left_padded_batch_equals_torch(decode_graphs):
     np.testing.assert_array_equal(got, ref.numpy())
 
 
-def test_prefill_with_cache_starts_the_loop(tmp_path, decode_graphs):
+def test_prefill_with_cache_starts_the_loop(tmp_path, decode_graphs, target):
     model, dec = decode_graphs["nonuniform"]
-    pre = export_prefill(model, tmp_path / "pre.onnx", with_cache=True)
+    pre = export_prefill(model, tmp_path / "pre.onnx", with_cache=True, target=target)
     ids = token_ids(2, 5, seed=5).numpy()
     dec_sess = make_session(dec, threads=1)
     via_prefill = ort_generate(make_session(pre, threads=1), dec_sess, ids, 6)
@@ -200,18 +208,24 @@ def test_iobinding_run_matches_plain_run(prefill_graphs):
     np.testing.assert_array_equal(bound.numpy(), sess.run(None, feeds)[0])
 
 
-def _attention_nodes(path) -> int:
-    return sum(n.op_type == "Attention" for n in onnx.load(str(path), load_external_data=False).graph.node)
+def _attention_nodes(path, op: str = "Attention") -> list[onnx.NodeProto]:
+    return [n for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type == op]
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_every_attention_layer_is_one_fused_node(decode_graphs, name):
-    """Opset 23: each layer's SDPA becomes one Attention node with that layer's own head counts (the
-    non-uniform model's layers have 2 q/2 kv and 4 q/1 kv heads; parity is checked by the tests above)."""
+def test_every_attention_layer_is_one_fused_node(decode_graphs, name, target):
+    """Each layer's attention becomes one node of the target's op with that layer's own head counts: opset 23's
+    Attention for the CPU, GroupQueryAttention for CUDA (the non-uniform model's layers have 2 q/2 kv and
+    4 q/1 kv heads; parity is checked by the tests above)."""
     model, path = decode_graphs[name]
     plan = read_attention_plan(path)
     assert len(plan) == model.config.num_hidden_layers and set(plan.values()) == {FUSED}
-    assert _attention_nodes(path) == len(plan)
+    op = attention.TARGETS[target]
+    nodes = _attention_nodes(path, op)
+    assert len(nodes) == len(plan) and attention.attention_summary(path)["op"] == op
+    if op == "GroupQueryAttention" and name == "nonuniform":
+        heads = [{a.name: a.i for a in n.attribute if a.name.endswith("num_heads")} for n in nodes]
+        assert heads == [{"num_heads": 2, "kv_num_heads": 2}, {"num_heads": 4, "kv_num_heads": 1}]
 
 
 def test_unfusable_layer_falls_back_to_unfused_graph(tmp_path, monkeypatch):
@@ -240,7 +254,8 @@ def test_unfusable_layer_falls_back_to_unfused_graph(tmp_path, monkeypatch):
 @pytest.mark.parametrize("change, reason", [
     ({}, None), ({"opset": 18}, "opset 18"), ({"dropout": 0.1}, "dropout"),
     ({"kwargs": {"softcap": 30.0}}, "soft-capping"), ({"kwargs": {"s_aux": torch.zeros(4)}}, "sinks"),
-    ({"query_heads": 6, "kv_heads": 4}, "not a multiple"),
+    ({"query_heads": 6, "kv_heads": 4}, "not a multiple"), ({"target": "cuda", "opset": 18}, None),
+    ({"target": "cuda", "causal": False}, "bidirectional"), ({"causal": False}, None),
 ])
 def test_each_unfusable_rule_names_its_reason(change, reason):
     call = attention.AttentionCall(**{"layer": "l", "query_heads": 4, "kv_heads": 2, "dropout": 0.0,
@@ -343,11 +358,11 @@ def test_sdpa_with_one_broadcast_kv_head_exports_as_one_kv_group(tmp_path):
 def test_pruned_latent_attention_model_runs_in_ort_like_torch(tmp_path):
     """DeepSeek-V3 with half its MLA heads and MLP channels removed: prefill logits at an unseen shape and
     KV-cache greedy tokens (its cache holds the compressed latents) equal PyTorch's."""
-    from loraprune import SelectConfig, prune
+    from loraprune import MagnitudeConfig, prune
 
     torch.manual_seed(0)
-    config = SelectConfig(ratio=0.5, exclude_first=0, exclude_last=False)
-    model = prune(tiny_deepseek_v3(), token_ids(), config=config).model
+    config = MagnitudeConfig(ratio=0.5, exclude_first=0, exclude_last=False)
+    model = prune(tiny_deepseek_v3(), token_ids(), config).model
     assert model.model.layers[0].self_attn.num_heads == 2
     assert_prefill_matches(model, make_session(export_prefill(model, tmp_path / "p.onnx"), threads=1),
                            token_ids(2, 7, seed=3))
@@ -366,3 +381,30 @@ def test_an_op_onnx_cannot_express_fails_in_one_line_naming_the_node(tmp_path):
     with pytest.raises(RuntimeError, match=r"ONNX export failed at node \w+ \(.+\): .*complex") as info:
         export_prefill(tiny_llama4(), tmp_path / "model.onnx")
     assert "\n" not in str(info.value) and not list(tmp_path.iterdir())
+
+
+def test_fp16_graph_keeps_rotary_angles_exact_far_into_the_sequence(tmp_path, monkeypatch):
+    """fp16 graphs keep the rotary frequencies (a buffer the model computes, never saved) in fp32: beyond 2,000
+    positions the fp16 graph's logits stay within fp16 rounding of the fp32 graph's. With `inv_freq` cast to
+    fp16 as well (what `Module.to(float16)` does) the angles' error grows with the position, and so does the
+    logits' (observed 1.3e-2 there, against 6e-4)."""
+    import loraprune.runtime.export as export
+
+    model = tiny_llama(layers=2)
+    with torch.no_grad():
+        for layer in model.model.layers:  # sharp attention, so that the logits depend on the rotary angles
+            layer.self_attn.q_proj.weight.mul_(8.0)
+            layer.self_attn.k_proj.weight.mul_(8.0)
+    ids = token_ids(1, 2100, seed=1).numpy()
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+    def far_positions_error(name: str) -> float:
+        fp16 = make_session(export_prefill(model, tmp_path / name, fp16=True), provider="cpu")
+        got = fp16.run(["logits"], feeds)[0].astype(np.float32)
+        return float(np.abs(got - reference)[0, 2000:].max() / np.abs(reference).max())
+
+    reference = make_session(export_prefill(model, tmp_path / "fp32.onnx"), provider="cpu").run(["logits"], feeds)[0]
+    bound = 4 * float(torch.finfo(torch.float16).eps)
+    assert far_positions_error("fp16.onnx") < bound
+    monkeypatch.setattr(export, "cast_weights", lambda module, dtype: module.to(dtype))
+    assert far_positions_error("fp16_cast_inv_freq.onnx") > bound  # the check sees the error it guards against

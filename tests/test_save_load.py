@@ -12,8 +12,8 @@ from zoo import tiny_gpt2, tiny_llama, token_ids
 
 import loraprune.models.save as save_mod
 from loraprune.api import prune
+from loraprune.config import MagnitudeConfig
 from loraprune.models.save import PLAN_FILE, WEIGHTS_FILE, load_pretrained, save_pretrained
-from loraprune.passes.select import SelectConfig
 
 torch.set_num_threads(1)
 
@@ -35,8 +35,8 @@ def pruned():
             make, scope = CASES[case]
             torch.manual_seed(0)
             dense = make()
-            config = SelectConfig(ratio=0.5, scope=scope, exclude_first=0, exclude_last=False)
-            cache[case] = (dense, prune(dense, (token_ids(),), ratio=0.5, config=config))
+            config = MagnitudeConfig(ratio=0.5, scope=scope, exclude_first=0, exclude_last=False)
+            cache[case] = (dense, prune(dense, (token_ids(),), config))
         return cache[case]
 
     return get
@@ -56,7 +56,7 @@ def test_roundtrip_same_logits(pruned, case, tmp_path):
     dense, result = pruned(case)
     uniform = result.model.config.loraprune_uniform
     assert uniform == (CASES[case][1] == "uniform")
-    out = save_pretrained(result, result.plan, tmp_path / "m", dense_config=dense.config)
+    out = save_pretrained(result, tmp_path / "m", plan=result.plan, dense_config=dense.config)
     assert out == tmp_path / "m" and (out / WEIGHTS_FILE).is_file() and (out / PLAN_FILE).is_file()
     assert (out / "config.json").is_file()
     assert _siblings(out) == []  # no temp folder left behind
@@ -87,7 +87,7 @@ def test_roundtrip_same_logits(pruned, case, tmp_path):
 
 def test_uniform_llama_reloads_with_plain_from_pretrained(pruned, tmp_path):
     dense, result = pruned("llama-uniform")
-    out = save_pretrained(result, None, tmp_path / "m", dense_config=dense.config)
+    out = save_pretrained(result, tmp_path / "m", dense_config=dense.config)
     config = json.loads((out / "config.json").read_text())
     assert config["loraprune_uniform"] is True
     assert config["num_attention_heads"] == 4 and config["num_key_value_heads"] == 2
@@ -99,7 +99,7 @@ def test_uniform_llama_reloads_with_plain_from_pretrained(pruned, tmp_path):
 @pytest.mark.parametrize("case", ["llama-uniform", "gpt2-global"])
 def test_generate_on_reloaded(pruned, case, tmp_path):
     dense, result = pruned(case)
-    loaded = load_pretrained(save_pretrained(result, None, tmp_path / "m", dense_config=dense.config))
+    loaded = load_pretrained(save_pretrained(result, tmp_path / "m", dense_config=dense.config))
     x = token_ids(batch=1, seq=5, seed=3)
     kwargs = dict(max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(x), pad_token_id=0)
     got = loaded.generate(x, **kwargs)
@@ -109,7 +109,7 @@ def test_generate_on_reloaded(pruned, case, tmp_path):
 
 def test_dtype_cast_keeps_rotary_float32(pruned, tmp_path):
     dense, result = pruned("llama-uniform")
-    out = save_pretrained(result, None, tmp_path / "m", dense_config=dense.config)
+    out = save_pretrained(result, tmp_path / "m", dense_config=dense.config)
     loaded = load_pretrained(out, dtype=torch.bfloat16)
     assert loaded.get_input_embeddings().weight.dtype == torch.bfloat16
     assert loaded.model.rotary_emb.inv_freq.dtype == torch.float32
@@ -126,23 +126,23 @@ def test_tokenizer_saved(pruned, tmp_path):
     tok.pre_tokenizer = Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
     dense, result = pruned("gpt2-uniform")
-    out = save_pretrained(result, None, tmp_path / "m", dense_config=dense.config, tokenizer=tokenizer)
+    out = save_pretrained(result, tmp_path / "m", dense_config=dense.config, tokenizer=tokenizer)
     assert (out / "tokenizer.json").is_file()
     assert AutoTokenizer.from_pretrained(out)("hello world")["input_ids"] == [1, 2]
 
 
 def test_existing_out_dir(pruned, tmp_path):
     dense, result = pruned("gpt2-uniform")
-    out = save_pretrained(result, None, tmp_path / "m", dense_config=dense.config)
+    out = save_pretrained(result, tmp_path / "m", dense_config=dense.config)
     with pytest.raises(FileExistsError, match="already exists"):
-        save_pretrained(result, None, out, dense_config=dense.config)
+        save_pretrained(result, out, dense_config=dense.config)
     (out / "marker.txt").write_text("old")
-    save_pretrained(result, None, out, dense_config=dense.config, force=True)  # ours: replaced
+    save_pretrained(result, out, dense_config=dense.config, force=True)  # ours: replaced
     assert not (out / "marker.txt").exists() and (out / PLAN_FILE).is_file()
     assert _siblings(out) == []
     empty = tmp_path / "empty"
     empty.mkdir()
-    save_pretrained(result, None, empty, dense_config=dense.config, force=True)  # empty: fine too
+    save_pretrained(result, empty, dense_config=dense.config, force=True)  # empty: fine too
     assert (empty / WEIGHTS_FILE).is_file()
 
 
@@ -153,12 +153,12 @@ def test_stranger_folder_refused_even_with_force(pruned, tmp_path):
     (stranger / "cat.jpg").write_bytes(b"meow")
     for force in (False, True):
         with pytest.raises(FileExistsError) as err:
-            save_pretrained(result, None, stranger, dense_config=dense.config, force=force)
+            save_pretrained(result, stranger, dense_config=dense.config, force=force)
         assert "\n" not in str(err.value) and str(stranger) in str(err.value)
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     with pytest.raises(FileExistsError):
-        save_pretrained(result, None, a_file, dense_config=dense.config, force=True)
+        save_pretrained(result, a_file, dense_config=dense.config, force=True)
     assert (stranger / "cat.jpg").read_bytes() == b"meow" and sorted(os.listdir(stranger)) == ["cat.jpg"]
     assert a_file.read_text() == "x"
 
@@ -175,16 +175,16 @@ def test_interrupted_save_leaves_nothing(pruned, tmp_path, monkeypatch, exc):
     monkeypatch.setattr(save_mod, "_write_json", boom)
     out = tmp_path / "m"
     with pytest.raises(type(exc)):
-        save_pretrained(result, None, out, dense_config=dense.config)
+        save_pretrained(result, out, dense_config=dense.config)
     assert WEIGHTS_FILE in written
     assert sorted(os.listdir(tmp_path)) == []  # neither out_dir nor a temp sibling
 
     monkeypatch.undo()
-    save_pretrained(result, None, out, dense_config=dense.config)
+    save_pretrained(result, out, dense_config=dense.config)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     monkeypatch.setattr(save_mod, "_write_json", boom)
     with pytest.raises(type(exc)):
-        save_pretrained(result, None, out, dense_config=dense.config, force=True)
+        save_pretrained(result, out, dense_config=dense.config, force=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the previous folder is untouched
     assert sorted(os.listdir(tmp_path)) == ["m"]
 
@@ -192,9 +192,9 @@ def test_interrupted_save_leaves_nothing(pruned, tmp_path, monkeypatch, exc):
 def test_wrong_dense_config_refused_before_writing(pruned, tmp_path):
     dense, result = pruned("llama-uniform")
     with pytest.raises(ValueError, match="dense_config"):
-        save_pretrained(result, None, tmp_path / "m", dense_config=result.model.config)  # the compact one
+        save_pretrained(result, tmp_path / "m", dense_config=result.model.config)  # the compact one
     with pytest.raises(ValueError, match="model_type"):
-        save_pretrained(result, None, tmp_path / "m", dense_config={"hidden_size": 64})
+        save_pretrained(result, tmp_path / "m", dense_config={"hidden_size": 64})
     assert sorted(os.listdir(tmp_path)) == []
 
 
@@ -202,7 +202,7 @@ def test_load_errors_name_the_path(pruned, tmp_path):
     dense, result = pruned("gpt2-uniform")
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_pretrained(tmp_path / "nowhere")
-    out = save_pretrained(result, None, tmp_path / "m", dense_config=dense.config)
+    out = save_pretrained(result, tmp_path / "m", dense_config=dense.config)
 
     def check(exc_type, name):
         with pytest.raises(exc_type) as err:

@@ -53,7 +53,7 @@ def main() -> None:
     from measure import alternate
     from tqdm import tqdm
 
-    from loraprune import SelectConfig, prune
+    from loraprune import MagnitudeConfig, prune
     from loraprune.models.load import load_model
 
     torch.set_num_threads(args.threads)
@@ -61,7 +61,7 @@ def main() -> None:
     x = torch.randint(0, dense.config.vocab_size, (1, 256), generator=torch.Generator().manual_seed(1))
     rows = []
     for ratio in tqdm(args.ratios, desc="ratios"):
-        result = prune(dense, x, ratio=ratio, criterion="magnitude", config=SelectConfig(ratio=ratio))
+        result = prune(dense, x, MagnitudeConfig(ratio=ratio))
         compact = result.model
         with torch.no_grad():
             times = alternate({"dense": lambda: dense(input_ids=x, use_cache=False),

@@ -60,9 +60,9 @@ def scoring_worker(args) -> dict:
 
     A one-batch warm-up call first, so one-time allocations (thread pools, kernel caches) are resident before
     the measured call; then `stage_memory_mb` (VmHWM reset, malloc_trim) gives the peak the scoring adds."""
+    from loraprune.lora.training import GradientStats
+    from loraprune.passes.criteria import CRITERIA as TABLE
     from loraprune.passes.dependency import analyze
-    from loraprune.passes.importance import CRITERIA as TABLE
-    from loraprune.passes.lora_importance import GradientStats
     from loraprune.runtime.bench import stage_allocated_mb, stage_memory_mb
 
     loaded, _, batches, _, example = _setup(args)
@@ -91,7 +91,7 @@ def tp_worker(args) -> dict:
 
     from loraprune.api import count_params
     from loraprune.evaluate import perplexity
-    from loraprune.passes.lora_importance import causal_lm_loss
+    from loraprune.lora.training import causal_lm_loss
 
     loaded, _, batches, evals, example = _setup(args)
     model = loaded.model
@@ -129,9 +129,10 @@ def quality(args, out: Path) -> dict:
     from tqdm.auto import tqdm
 
     from loraprune.api import count_params, prune
+    from loraprune.config import LoRAPruneConfig, make_config
     from loraprune.evaluate import perplexity
+    from loraprune.lora.training import lora_recover
     from loraprune.passes.dependency import analyze
-    from loraprune.passes.lora_importance import lora_prune, lora_recover
 
     loaded, corpus, batches, evals, example = _setup(args)
     dense = loaded.model
@@ -142,19 +143,20 @@ def quality(args, out: Path) -> dict:
     rows = []
     cells = [(r, c) for r in args.ratios for c in args.criteria]
     for ratio, criterion in tqdm(cells, desc="quality"):
-        one_shot = prune(dense, example, ratio=ratio, criterion=criterion, analysis=analysis,
-                         batches=batches[: args.calib], seed=args.seed, criterion_options={"init": args.lora_init})
+        config = make_config(criterion, ratio=ratio, seed=args.seed, init=args.lora_init, steps=0)
+        one_shot = prune(dense, example, config, analysis=analysis, batches=batches[: args.calib])
         ppl_one_shot = perplexity(one_shot.model, evals).ppl
         start = time.perf_counter()
         if criterion == "lora":
-            result = lora_prune(dense, example, batches, ratio=ratio, update_every=args.update_every,
-                                cooldown=args.cooldown, lam=args.lam, count_macs=False, **lora_kwargs)
-            recovered, params_recovered = result.model, result.report["params_after"]
+            config = LoRAPruneConfig(ratio=ratio, update_every=args.update_every, cooldown=args.cooldown, lam=args.lam,
+                                     count_macs=False, **lora_kwargs)
+            result = prune(dense, example, config, batches=batches)
+            recovered, params_recovered = result.model, result.report.params_after
         else:
             recovered, _ = lora_recover(one_shot.model, batches, **lora_kwargs)
             params_recovered = count_params(recovered)
         seconds = time.perf_counter() - start
-        row = {"ratio": ratio, "criterion": criterion, "params_one_shot": one_shot.report["params_after"],
+        row = {"ratio": ratio, "criterion": criterion, "params_one_shot": one_shot.report.params_after,
                "params_recovered": params_recovered, "ppl_one_shot": ppl_one_shot,
                "ppl_recovered": perplexity(recovered, evals).ppl, "finetune_seconds": seconds}
         rows.append(row)

@@ -2,7 +2,7 @@
 
     .venv/bin/python tools/bench_runtime.py --ratios 0.2 0.5 --out runs/bench [--model PATH] [--quick] [--tiny]
 
-For each ratio the model is pruned with ``loraprune.prune(..., criterion="magnitude")`` and
+For each ratio the model is pruned with ``loraprune.prune(..., MagnitudeConfig(ratio=...))`` and
 ``loraprune.runtime.bench.bench_pair`` runs dense and compact alternately (design.md, "Measurement
 protocol"); ``<out>/ratio_<r>/`` gets bench.json, bench.md, speedup.png and efficiency.png, and
 ``<out>/summary.md`` one line per row of every ratio. ``--model`` is a .gguf file or an HF folder (default:
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     all_results: dict[float, dict] = {}
     for ratio in tqdm(args.ratios, desc="ratios"):
         start = time.perf_counter()
-        result = loraprune.prune(model, example_ids, ratio=ratio, criterion="magnitude")
+        result = loraprune.prune(model, example_ids, loraprune.MagnitudeConfig(ratio=ratio))
         prune_s = time.perf_counter() - start
         ratio_dir = out / f"ratio_{ratio:g}"
         workdir = ratio_dir / "onnx" if args.keep_onnx else Path(tempfile.mkdtemp(prefix=".onnx-", dir=out))
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if not args.keep_onnx:
                 shutil.rmtree(workdir, ignore_errors=True)
-        report = result.report
+        report = result.report.to_dict() | {"ratio": ratio}
         res["model"] = name
         res["prune"] = {k: report[k] for k in ("ratio", "criterion", "params_before", "params_after",
                                                "macs_before", "macs_after", "groups_pruned")}

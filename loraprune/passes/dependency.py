@@ -95,11 +95,11 @@ def _walk(program: TracedProgram, state: CouplingState):
                 continue
             try:
                 atoms[node.name] = rule(ctx, node)
-            except NoRule as declined:
+            except NoRule as declined:  # only a rule that declines freezes channels
                 reports.append((node.name, key, str(declined), _freeze_unknown(ctx, node, atoms)))
-            except Exception as err:  # a rule that cannot read this call is a missing rule, not a crash
-                reason = f"rule failed: {type(err).__name__}: {err}"
-                reports.append((node.name, key, reason, _freeze_unknown(ctx, node, atoms)))
+            except Exception as err:  # a rule that breaks is a bug: it keeps its traceback and says where
+                err.add_note(f"raised by the dependency rule for {key} at node {node.name}")
+                raise
         elif node.op == "output":
             for arg in node.all_input_nodes:
                 value = atoms.get(arg.name)

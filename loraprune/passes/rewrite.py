@@ -190,5 +190,5 @@ def masked_copy(model: nn.Module, groups: list[ChannelGroup], kept_units: dict[s
                 for (param, dim), ids in table.items():
                     gone = np.flatnonzero((ids >= 0) & ~np.isin(ids, kept))
                     if len(gone):
-                        state[param].data.index_fill_(dim, torch.as_tensor(gone), 0.0)
+                        state[param].data.index_fill_(dim, torch.as_tensor(gone, device=state[param].device), 0.0)
     return masked

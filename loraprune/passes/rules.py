@@ -720,7 +720,7 @@ def aten_index_tensor(ctx: RuleContext, node: Node) -> Atoms:
     values = ctx.constant(index)
     if values is None or values.dim() != 1 or values.dtype in (torch.bool, torch.uint8):
         raise NoRule("channels picked by indices computed at run time (only a constant list has a rule)")
-    return np.take(atoms, values.numpy() % ctx.shape(node.args[0])[dim], axis=dim)
+    return np.take(atoms, values.cpu().numpy() % ctx.shape(node.args[0])[dim], axis=dim)
 
 
 @register("aten::split.Tensor", "aten::split_with_sizes", "aten::unbind.int", "aten::chunk",

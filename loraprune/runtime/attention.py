@@ -1,7 +1,9 @@
 """Fused attention in the exported graphs, decided layer by layer.
 
-From opset 23 on, torch's exporter turns each ``scaled_dot_product_attention`` call into one standard ONNX
-``Attention`` node and takes its head counts from that call's own tensor shapes. A non-uniformly pruned model
+For a CPU target, from opset 23 on, torch's exporter turns each ``scaled_dot_product_attention`` call into one
+standard ONNX ``Attention`` node and takes its head counts from that call's own tensor shapes; for a CUDA target
+each layer becomes one ``com.microsoft::GroupQueryAttention`` node instead (``runtime.gqa``), with the layer's
+own head counts as well. A non-uniformly pruned model
 therefore gets the right counts in every layer without any global ``num_heads`` (the trap of pattern-matching
 fusers, which read one count for the whole model).
 
@@ -29,11 +31,15 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-__all__ = ["AttentionCall", "UnexpressibleAttention", "UNFUSABLE", "FUSED", "METADATA_KEY", "ATTENTION_OPSET",
-           "routed_attention", "read_attention_plan", "attention_summary"]
+from loraprune.runtime.gqa import GQA_OP, gqa_attention
+
+__all__ = ["AttentionCall", "UnexpressibleAttention", "UNFUSABLE", "FUSED", "METADATA_KEY", "OP_METADATA_KEY",
+           "ATTENTION_OPSET", "TARGETS", "routed_attention", "read_attention_plan", "attention_summary"]
 
 FUSED = "fused"
 METADATA_KEY = "loraprune.attention"
+OP_METADATA_KEY = "loraprune.attention_op"
+TARGETS = {"cpu": "Attention", "cuda": GQA_OP}  # deployment target -> the fused attention op of its graphs
 _IMPLEMENTATION = "loraprune_routed"
 ATTENTION_OPSET = 23  # the first opset with the standard Attention op
 
@@ -52,11 +58,19 @@ class AttentionCall:
     dropout: float
     opset: int
     kwargs: dict[str, Any]
+    target: str = "cpu"
+    causal: bool = True
 
 
 def _opset(call: AttentionCall) -> str | None:
-    if call.opset < ATTENTION_OPSET:
+    if call.target == "cpu" and call.opset < ATTENTION_OPSET:
         return f"opset {call.opset} has no Attention op (needs {ATTENTION_OPSET})"
+    return None
+
+
+def _bidirectional(call: AttentionCall) -> str | None:
+    if call.target == "cuda" and not call.causal:
+        return "bidirectional attention (GroupQueryAttention is causal)"
     return None
 
 
@@ -79,12 +93,14 @@ def _grouping(call: AttentionCall) -> str | None:
 
 
 # Each rule returns why the fused Attention op cannot express the call, or None.
-UNFUSABLE: list[Callable[[AttentionCall], str | None]] = [_opset, _dropout, _softcap, _sinks, _grouping]
+UNFUSABLE: list[Callable[[AttentionCall], str | None]] = [_opset, _dropout, _softcap, _sinks, _grouping,
+                                                         _bidirectional]
 
 
 @dataclass
 class _Routing:
     opset: int
+    target: str
     names: dict[int, str]
     decisions: dict[str, str]
 
@@ -97,9 +113,12 @@ def route(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torc
     """An attention implementation for transformers: SDPA where the fused op can express it, else eager."""
     routing = _ACTIVE[-1]
     call = AttentionCall(routing.names.get(id(module), type(module).__name__), int(query.shape[1]),
-                         int(key.shape[1]), float(dropout), routing.opset, kwargs)
+                         int(key.shape[1]), float(dropout), routing.opset, kwargs, routing.target,
+                         bool(getattr(module, "is_causal", True)))
     reason = next((r for rule in UNFUSABLE if (r := rule(call)) is not None), None)
     routing.decisions[call.layer] = FUSED if reason is None else reason
+    if reason is None and routing.target == "cuda":
+        return gqa_attention(module, query, key, value, attention_mask, kwargs.get("scaling")), None
     if reason is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
     eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
@@ -112,15 +131,25 @@ def route(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torc
     return eager(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
 
 
-AttentionInterface.register(_IMPLEMENTATION, route)
-# Masks are built per attention implementation, and an unknown one gets none at all: build SDPA's (boolean,
-# True = attend); `route` turns it into the additive float mask that eager attention adds to its scores.
-AttentionMaskInterface.register(_IMPLEMENTATION, sdpa_mask)
+@contextmanager
+def _registered() -> Iterator[None]:
+    """`route` known to transformers for the block only. Masks are built per attention implementation, and an
+    unknown one gets none at all: it gets SDPA's (boolean, True = attend), which `route` turns into the additive
+    float mask that eager attention adds to its scores."""
+    AttentionInterface.register(_IMPLEMENTATION, route)
+    AttentionMaskInterface.register(_IMPLEMENTATION, sdpa_mask)
+    try:
+        yield
+    finally:
+        if not _ACTIVE:  # an outer routing still needs it
+            AttentionInterface._global_mapping.pop(_IMPLEMENTATION, None)
+            AttentionMaskInterface._global_mapping.pop(_IMPLEMENTATION, None)
 
 
 @contextmanager
-def routed_attention(model: nn.Module, opset: int) -> Iterator[dict[str, str]]:
-    """Route the model's attention layers through :func:`route` while exporting; yields the decisions.
+def routed_attention(model: nn.Module, opset: int, target: str = "cpu") -> Iterator[dict[str, str]]:
+    """Route the model's attention layers through :func:`route` while exporting for `target` (a key of
+    `TARGETS`); yields the decisions.
 
     Only models that already use SDPA are routed: the fused op computes SDPA's semantics, and a model that
     asked for eager attention (or has its own) is left as it is, with no decisions recorded.
@@ -129,33 +158,38 @@ def routed_attention(model: nn.Module, opset: int) -> Iterator[dict[str, str]]:
     if getattr(config, "_attn_implementation", None) != "sdpa" or not hasattr(model, "set_attn_implementation"):
         yield {}
         return
-    try:
-        model.set_attn_implementation(_IMPLEMENTATION)
-    except (ValueError, ImportError):
-        # a model class that takes no custom attention is exported as it is: at opset 23 its SDPA calls still
-        # become fused nodes, only without a per-layer check and record
-        yield {}
-        return
-    routing = _Routing(opset, {id(m): name for name, m in model.named_modules()}, {})
-    _ACTIVE.append(routing)
-    try:
-        yield routing.decisions
-    finally:
-        model.set_attn_implementation("sdpa")
-        _ACTIVE.remove(routing)
+    with _registered():
+        try:
+            model.set_attn_implementation(_IMPLEMENTATION)
+        except (ValueError, ImportError):
+            # a model class that takes no custom attention is exported as it is: at opset 23 its SDPA calls still
+            # become fused nodes, only without a per-layer check and record
+            yield {}
+            return
+        routing = _Routing(opset, target, {id(m): name for name, m in model.named_modules()}, {})
+        _ACTIVE.append(routing)
+        try:
+            yield routing.decisions
+        finally:
+            model.set_attn_implementation("sdpa")
+            _ACTIVE.remove(routing)
+
+
+def _metadata(path: str | os.PathLike) -> dict[str, str]:
+    model = onnx.load(str(path), load_external_data=False)
+    return {prop.key: prop.value for prop in model.metadata_props}
 
 
 def read_attention_plan(path: str | os.PathLike) -> dict[str, str]:
     """The per-layer decisions stored in an exported graph ({} for graphs that were not routed)."""
-    model = onnx.load(str(path), load_external_data=False)
-    for prop in model.metadata_props:
-        if prop.key == METADATA_KEY:
-            return json.loads(prop.value)
-    return {}
+    return json.loads(_metadata(path).get(METADATA_KEY, "{}"))
 
 
 def attention_summary(path: str | os.PathLike) -> dict[str, Any]:
-    """For reports: how many attention layers of a graph run fused, and why the others do not."""
-    plan = read_attention_plan(path)
-    return {"layers": len(plan), "fused": sum(v == FUSED for v in plan.values()),
+    """For reports: the fused op of a graph's attention layers, how many use it, and why the others do not
+    (they run as plain MatMul / Softmax nodes)."""
+    meta = _metadata(path)
+    plan = json.loads(meta.get(METADATA_KEY, "{}"))
+    return {"op": meta.get(OP_METADATA_KEY, TARGETS["cpu"]), "layers": len(plan),
+            "fused": sum(v == FUSED for v in plan.values()),
             "unfused": {layer: why for layer, why in sorted(plan.items()) if why != FUSED}}

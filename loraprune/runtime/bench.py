@@ -357,7 +357,7 @@ def bench_pair(dense_model: nn.Module, compact_model: nn.Module, *,
                grid: Sequence[tuple[int, int]] = DEFAULT_GRID, decode_tokens: int = 32, threads: int = 2,
                runs: int = 10, warmup: int = 3, providers: Sequence[str] = BACKENDS,
                workdir: str | os.PathLike, progress: bool = False,
-               exported: dict[str, dict[str, Path]] | None = None) -> dict:
+               exported: dict[str, dict[str, Path]] | None = None, export_options: dict | None = None) -> dict:
     """Benchmark ``compact_model`` against ``dense_model`` (see the module doc for the protocol).
 
     Returns ``{"meta", "models", "rows", "ort_vs_torch"}``: one row per (stage, backend, batch, seq) with
@@ -365,7 +365,8 @@ def bench_pair(dense_model: nn.Module, compact_model: nn.Module, *,
     (dense/compact median), ``ideal`` and ``efficiency`` = speedup / ideal. Both models are exported once to
     ONNX under ``workdir`` when ``"ort"`` is among ``providers``, unless ``exported`` already has their
     ``{"prefill": path, "decode": path}`` (graphs from ``export_prefill`` / ``export_decode``, keyed "dense" /
-    "compact"). Torch's thread count is restored afterwards.
+    "compact"), made with `export_options` (target, fp16) as those are. Torch's thread count is restored
+    afterwards.
     """
     from tqdm.auto import tqdm
 
@@ -383,8 +384,8 @@ def bench_pair(dense_model: nn.Module, compact_model: nn.Module, *,
         if "ort" in providers:
             for name, m in models.items():
                 paths[name] = (exported or {}).get(name) or {
-                    "prefill": export_prefill(m, workdir / f"{name}_prefill.onnx"),
-                    "decode": export_decode(m, workdir / f"{name}_decode.onnx")}
+                    "prefill": export_prefill(m, workdir / f"{name}_prefill.onnx", **(export_options or {})),
+                    "decode": export_decode(m, workdir / f"{name}_decode.onnx", **(export_options or {}))}
                 stats[name]["onnx_prefill_bytes"] = _onnx_bytes(paths[name]["prefill"])
                 stats[name]["onnx_decode_bytes"] = _onnx_bytes(paths[name]["decode"])
                 sessions[name] = {k: make_session(p, threads=threads) for k, p in paths[name].items()}

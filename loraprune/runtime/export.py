@@ -28,7 +28,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +38,15 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from loraprune.runtime.attention import ATTENTION_OPSET, METADATA_KEY, UnexpressibleAttention, routed_attention
+from loraprune.runtime.attention import (
+    ATTENTION_OPSET,
+    METADATA_KEY,
+    OP_METADATA_KEY,
+    TARGETS,
+    UnexpressibleAttention,
+    routed_attention,
+)
+from loraprune.runtime.gqa import gqa_schema, gqa_translation
 
 __all__ = [
     "KVShape", "probe_kv_shapes", "kv_input_names", "kv_output_names", "export_prefill", "export_decode",
@@ -138,21 +146,37 @@ class _CausalLMGraph(nn.Module):
 
 @contextmanager
 def _traceable(model: nn.Module, fp16: bool) -> Iterator[nn.Module]:
-    """The module to trace, in eval mode: the model or an fp16 copy; the caller's model's mode is restored.
+    """The module to trace, in eval mode: the model itself, or a copy in the graph's dtype (fp16, or fp32 for a
+    model that computes in bf16 or fp16); the caller's model's mode is restored.
 
-    The fp16 copy briefly holds the fp32 weights twice (deepcopy, then cast); it keeps the caller's
-    weights exact, which an in-place cast and back would not.
+    A copy briefly holds the weights twice (deepcopy, then cast); it keeps the caller's weights exact, which an
+    in-place cast and back would not.
     """
+    target = torch.float16 if fp16 else torch.float32
     was_training = model.training
     try:
-        if fp16 and next(model.parameters()).dtype != torch.float16:
-            traced = copy.deepcopy(model).to(torch.float16).eval()
+        if next(model.parameters()).dtype != target:
+            traced = cast_weights(copy.deepcopy(model), target).eval()
         else:
             traced = model.eval()
         with _exportable_experts(traced):
             yield traced
     finally:
         model.train(was_training)
+
+
+def cast_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Parameters and saved buffers to `dtype`, in place; buffers the model computes for itself (rotary
+    `inv_freq` and the like, which are not saved) keep their precision. `Module.to(float16)` would cast
+    `inv_freq` too, and the rotary angles' error would then grow with the position."""
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point():
+                param.data = param.data.to(dtype)
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point() and name not in module._non_persistent_buffers_set:
+                setattr(module, name, buffer.to(dtype))
+    return model
 
 
 # transformers' default MoE kernel (grouped_mm) is a custom op that torch.onnx cannot convert; the batched form
@@ -222,17 +246,22 @@ def staged_output(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def _export(wrapper: nn.Module, args: tuple, dynamic_shapes: tuple, input_names: list[str],
-            output_names: list[str], path: str | os.PathLike, opset: int, external_data: bool | None) -> Path:
-    """torch.onnx.export with attention routed per layer, save (external data: forced, refused, or None =
-    only past 2 GB) with the routing decisions as metadata, check, move."""
+            output_names: list[str], path: str | os.PathLike, opset: int, external_data: bool | None,
+            target: str) -> Path:
+    """torch.onnx.export with attention routed per layer for `target`, save (external data: forced, refused, or
+    None = only past 2 GB) with the routing decisions and the attention op as metadata, check, move."""
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     path = Path(path)
-    with staged_output(path) as staged, routed_attention(wrapper.model, opset) as decisions, _broadcast_kv_as_gqa():
+    cuda = target == "cuda"
+    with (staged_output(path) as staged, routed_attention(wrapper.model, opset, target) as decisions,
+          _broadcast_kv_as_gqa(), gqa_schema() if cuda else nullcontext()):
         with torch.no_grad():
             try:
                 program = torch.onnx.export(
                     wrapper, args, dynamo=True, opset_version=opset, dynamic_shapes=dynamic_shapes,
                     input_names=input_names, output_names=output_names, artifacts_dir=staged.parent,
-                    verbose=False,
+                    verbose=False, custom_translation_table=gqa_translation() if cuda else None,
                 )
             except Exception as err:  # the exporter wraps errors raised while tracing into pages of text
                 cause = _cause_of_type(err, UnexpressibleAttention)
@@ -243,6 +272,7 @@ def _export(wrapper: nn.Module, args: tuple, dynamic_shapes: tuple, input_names:
                 raise
         if decisions:
             program.model.metadata_props[METADATA_KEY] = json.dumps(decisions, sort_keys=True)
+            program.model.metadata_props[OP_METADATA_KEY] = TARGETS[target]
         program.save(staged, external_data=external_data)
         onnx.checker.check_model(str(staged))
     return path
@@ -284,14 +314,20 @@ def _example_ids(model: nn.Module, batch: int, seq: int) -> tuple[torch.Tensor, 
     return ids, torch.ones((batch, seq), dtype=torch.long, device=device)
 
 
+def graph_name(stage: str, target: str = "cpu", fp16: bool = False) -> str:
+    """A graph's file name in a compiled folder's onnx/: prefill.onnx, decode_cuda.onnx, prefill_fp16.onnx, ..."""
+    return f"{stage}{'_cuda' if target == 'cuda' else ''}{'_fp16' if fp16 else ''}.onnx"
+
+
 def export_prefill(model: nn.Module, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET, fp16: bool = False,
-                   with_cache: bool = False, external_data: bool | None = None) -> Path:
+                   with_cache: bool = False, external_data: bool | None = None, target: str = "cpu") -> Path:
     """Export ``input_ids, attention_mask [batch, seq] -> logits [batch, seq, vocab]`` to ``path``.
 
     ``with_cache=True`` also returns ``present_key_i``/``present_value_i`` (the prompt's KV cache), so the
     graph can start a generation loop; the default graph skips them and is the cheaper one to time.
     ``fp16`` traces a float16 copy (the caller's model is left as it is); ``external_data`` None writes
-    weights beside the graph (``<name>.data``) only past ONNX's 2 GB protobuf limit.
+    weights beside the graph (``<name>.data``) only past ONNX's 2 GB protobuf limit. ``target`` "cpu" fuses
+    attention into the standard Attention op, "cuda" into GroupQueryAttention (``runtime.gqa``).
     """
     with _traceable(model, fp16) as traced:
         n_layers = len(probe_kv_shapes(traced)) if with_cache else 0
@@ -300,17 +336,18 @@ def export_prefill(model: nn.Module, path: str | os.PathLike, *, opset: int = DE
         ids, mask = _example_ids(traced, _EX_BATCH, _EX_SEQ + _EX_PAST)
         outputs = ["logits"] + kv_output_names(n_layers)
         return _export(wrapper, (ids, mask), ({0: batch, 1: seq}, {0: batch, 1: seq}),
-                       ["input_ids", "attention_mask"], outputs, path, opset, external_data)
+                       ["input_ids", "attention_mask"], outputs, path, opset, external_data, target)
 
 
 def export_decode(model: nn.Module, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET, fp16: bool = False,
-                  external_data: bool | None = None) -> Path:
+                  external_data: bool | None = None, target: str = "cpu") -> Path:
     """Export the KV-cache step ``(input_ids, attention_mask, past_*) -> (logits, present_*)`` to ``path``.
 
     Shapes: ``input_ids [batch, seq]``, ``attention_mask [batch, past + seq]``, ``past_key_i
     [batch, heads_i, past, dim_i]`` with each layer's own head count from :func:`probe_kv_shapes`. Past
     length 0 (empty tensors) makes it the prompt step as well, so generation needs only this graph.
-    ``fp16`` and ``external_data`` as in :func:`export_prefill`; with fp16 the past/present tensors are fp16.
+    ``fp16``, ``external_data`` and ``target`` as in :func:`export_prefill`; with fp16 the past/present tensors
+    are fp16.
     """
     with _traceable(model, fp16) as traced:
         shapes = probe_kv_shapes(traced)
@@ -328,4 +365,4 @@ def export_decode(model: nn.Module, path: str | os.PathLike, *, opset: int = DEF
         past_dims = tuple({0: batch, 2: past_len} for _ in past)
         return _export(wrapper, (ids, mask, *past), ({0: batch, 1: seq}, {0: batch, 1: total}, past_dims),
                        ["input_ids", "attention_mask"] + kv_input_names(n_layers),
-                       ["logits"] + kv_output_names(n_layers), path, opset, external_data)
+                       ["logits"] + kv_output_names(n_layers), path, opset, external_data, target)

@@ -40,7 +40,8 @@ def _providers(provider: str) -> list[str]:
     if provider not in _PROVIDERS:
         raise ValueError(f"provider must be 'auto', 'cuda' or 'cpu', got {provider!r}")
     if _PROVIDERS[provider] not in available:
-        raise ValueError(f"{_PROVIDERS[provider]} is not in this onnxruntime build (has {available})")
+        raise ValueError(f"{_PROVIDERS[provider]} is not in this onnxruntime build (has {available}); for CUDA "
+                         "install the gpu extra (onnxruntime-gpu) instead of the cpu one")
     return [_PROVIDERS[provider]] if provider == "cpu" else [_PROVIDERS[provider], _PROVIDERS["cpu"]]
 
 
@@ -57,7 +58,12 @@ def make_session(path: str | os.PathLike, provider: str = "auto",
     if threads is not None:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), sess_options=opts, providers=_providers(provider))
+    providers = _providers(provider)
+    session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    if session.get_providers()[0] != providers[0]:  # a CUDA provider whose libraries fail to load drops out quietly
+        raise RuntimeError(f"{providers[0]} was asked for and did not start for {path.name} (the session runs on "
+                           f"{session.get_providers()}); check the CUDA and cuDNN libraries onnxruntime-gpu needs")
+    return session
 
 
 def as_session(session_or_path: ort.InferenceSession | str | os.PathLike, threads: int | None = None

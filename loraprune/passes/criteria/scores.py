@@ -1,4 +1,5 @@
-"""Importance criteria: a score per unit of every group. Criteria live in one table, looked up by name.
+"""What every criterion returns (a score per unit of every group), the table criteria register in, and the
+scores written onto the IR.
 
 Every criterion reduces to an element-importance tensor per parameter; `group_scores` sums it into units,
 normalising each member (parameter, dim) so that a big matrix does not outvote a small one.
@@ -11,7 +12,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import nn
 
 from loraprune.ir.groups import ChannelGroup
 
@@ -94,34 +94,3 @@ def scores_from_meta(program) -> dict[str, dict]:
         for entry in node.meta.get(SCORES_META, {}).values():
             out[entry["group"]] = {"criterion": entry["criterion"], "unit_scores": entry["unit_scores"]}
     return out
-
-
-def _element_scores(model: nn.Module, groups: list[ChannelGroup], element: Callable[[torch.Tensor], torch.Tensor]):
-    state = model.state_dict()
-    per_index = {}
-    for g in groups:
-        for key in list(g.members) + list(g.kv_members):
-            if key not in per_index:
-                per_index[key] = index_scores(element(state[key[0]].float()), key[1])
-    return group_scores(groups, per_index)
-
-
-@register_criterion("magnitude")
-def magnitude(model: nn.Module, groups: list[ChannelGroup], **_: object) -> GroupScores:
-    """L2 magnitude of a unit's weights (squared, summed over its rows/columns in every member)."""
-    return _element_scores(model, groups, lambda w: w.pow(2))
-
-
-@register_criterion("random")
-def random(model: nn.Module, groups: list[ChannelGroup], seed: int = 0, **_: object) -> GroupScores:
-    """Seeded random scores: the floor any criterion must beat."""
-    rng = np.random.default_rng(seed)
-    out = GroupScores()
-    for g in groups:
-        out.units[g.name] = rng.random(g.num_units)
-        if g.num_kv_units:
-            out.kv[g.name] = rng.random(g.num_kv_units)
-    return out
-
-
-from loraprune.passes import lora_importance as _lora_importance  # noqa: E402,F401  registers "lora", "taylor"
