@@ -165,7 +165,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         bench_grid=tuple(args.bench_grid), decode_tokens=args.decode_tokens,
         bench_runs=args.bench_runs, threads=args.threads, seed=args.seed, force=args.force,
         trust_remote_code=args.trust_remote_code, progress=not args.quiet, keep_adapter=args.keep_adapter,
-        checkpointing=args.checkpointing, device=args.device, dtype=args.dtype, target=args.target)
+        checkpointing=args.checkpointing, device=args.device, dtype=args.dtype, target=args.target,
+        genai=args.genai)
     r = compile_model(options)
     print(f"{r['model']}: params {r['params_before']:,} -> {r['params_after']:,} "
           f"(-{r['params_removed_fraction']:.1%}), MACs x{r['macs_after'] / r['macs_before']:.3f}, "
@@ -224,8 +225,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     folder, _ = _compiled(args.dir)
     model = _compact_model(folder, args)
     options = {"fp16": args.fp16, "target": args.target} | ({} if args.opset is None else {"opset": args.opset})
-    paths = [export_prefill(model, folder / "onnx" / graph_name("prefill", args.target, args.fp16), **options),
-             export_decode(model, folder / "onnx" / graph_name("decode", args.target, args.fp16), **options)]
+    if args.genai:
+        from loraprune.runtime.genai import export_genai
+
+        paths = [export_genai(model, folder / "genai", tokenizer=_tokenizer(folder), **options)]
+    else:
+        paths = [export_prefill(model, folder / "onnx" / graph_name("prefill", args.target, args.fp16), **options),
+                 export_decode(model, folder / "onnx" / graph_name("decode", args.target, args.fp16), **options)]
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
@@ -292,7 +298,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ids = tokenizer.encode(args.prompt)
     if not ids:
         raise ValueError("the prompt is empty after tokenization")
-    if args.backend == "ort":
+    if args.backend == "genai":
+        from loraprune.runtime.genai import genai_generate, load_genai
+
+        tokens = genai_generate(load_genai(folder / "genai"), [ids], args.max_new_tokens, do_sample=args.sample,
+                                temperature=args.temperature, top_k=args.top_k, seed=args.seed)[0].tolist()
+    elif args.backend == "ort":
         from loraprune.runtime.generate import ort_generate
         from loraprune.runtime.session import make_session
 
@@ -445,6 +456,8 @@ def _add_compile(sub) -> None:
     g.add_argument("--threads", type=int, default=None, help="torch and ORT threads (default: torch's)")
     g.add_argument("--target", choices=["cpu", "cuda"], default=Defaults.target,
                    help="the ONNX graphs' deployment target: cpu = standard Attention op, cuda = GroupQueryAttention")
+    g.add_argument("--genai", action="store_true",
+                   help="also write OUT/genai, the folder ONNX Runtime GenAI runs, and bench it")
     p.add_argument("--seed", type=int, default=Defaults.seed)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_compile)
@@ -463,6 +476,9 @@ def _add_folder_commands(sub) -> None:
     p.add_argument("--opset", type=int, default=None,
                    help="ONNX opset (default: the exporter's, 23); 23 and up fuse attention into the standard "
                         "Attention op, 18-22 keep it unfused")
+    p.add_argument("--genai", action="store_true",
+                   help="write DIR/genai instead: the decode graph, genai_config.json and the tokenizer, a folder "
+                        "ONNX Runtime GenAI runs (`generate --backend genai`)")
     _add_placement_args(p)
     p.set_defaults(fn=cmd_export)
 
@@ -478,7 +494,8 @@ def _add_folder_commands(sub) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--providers", nargs="+", choices=["torch", "ort"], default=["torch", "ort"])
+    p.add_argument("--providers", nargs="+", choices=["torch", "ort", "genai"], default=["torch", "ort", "genai"],
+                   help="genai: ONNX Runtime GenAI on the same decode graphs as ort")
     _add_graph_args(p)
     _add_placement_args(p)
     p.set_defaults(fn=cmd_bench)
@@ -500,7 +517,8 @@ def _add_folder_commands(sub) -> None:
     p.add_argument("dir", help="a folder written by `loraprune compile`")
     p.add_argument("prompt")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--backend", choices=["ort", "torch"], default="ort")
+    p.add_argument("--backend", choices=["ort", "genai", "torch"], default="ort",
+                   help="ort: our loop on DIR/onnx; genai: ONNX Runtime GenAI on DIR/genai (`export --genai`)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)

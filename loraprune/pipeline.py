@@ -84,6 +84,7 @@ class CompileOptions:
     device: str = "auto"  # auto, cpu, cuda, cuda:N (loraprune.device)
     dtype: str = "auto"  # auto, bf16, fp16, fp32: what the model is loaded in, scored and fine-tuned in
     target: str = "cpu"  # the ONNX graphs' deployment target: cpu (Attention op) or cuda (GroupQueryAttention)
+    genai: bool = False  # also write genai/, the folder ONNX Runtime GenAI runs, and add it to the bench
     keep_adapter: bool = False  # lora: save the compact base and the pruned adapter unmerged (model/, adapter/)
     seed: int = 0
     force: bool = False
@@ -243,6 +244,10 @@ def _run(options: CompileOptions, loaded, data: _Data, stages: _Stages, tmp: Pat
 
         onnx_paths = {stage: export(compact, tmp / "onnx" / graph_name(stage, options.target), target=options.target)
                       for stage, export in (("prefill", export_prefill), ("decode", export_decode))}
+        if options.genai:
+            from loraprune.runtime.genai import export_genai
+
+            export_genai(compact, tmp / "genai", tokenizer=loaded.tokenizer, target=options.target)
     with stages("evaluate"):
         quality = _evaluate(options, dense, compact, onnx_paths, loaded.tokenizer, data)
     bench = None
@@ -366,6 +371,7 @@ def _bench(options: CompileOptions, dense: nn.Module, compact: nn.Module, onnx_p
         results = bench_pair(dense, compact, grid=options.bench_grid, decode_tokens=options.decode_tokens,
                              threads=options.threads or torch.get_num_threads(), runs=options.bench_runs,
                              warmup=2, workdir=workdir, progress=options.progress,
+                             providers=("torch", "ort", "genai") if options.genai else ("torch", "ort"),
                              exported={"compact": onnx_paths}, export_options={"target": options.target})
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -35,7 +35,7 @@ def _positive(x) -> bool:
 
 def test_rows_cover_every_stage_and_backend(results):
     assert {(r["stage"], r["backend"]) for r in results["rows"]} == {
-        (s, b) for s in ("prefill", "decode") for b in ("torch", "ort")}
+        (s, b) for s in ("prefill", "decode") for b in ("torch", "ort", "genai")}
     for row in results["rows"]:
         assert (row["batch"], row["seq"]) == (1, 8)
         for name in ("dense", "compact"):
@@ -63,7 +63,7 @@ def test_model_table_and_ort_vs_torch(results):
     for stats in (dense, compact):
         assert all(_positive(stats[k]) for k in ("weight_bytes", "decode_weight_bytes", "onnx_prefill_bytes",
                                                  "onnx_decode_bytes"))
-    assert len(results["ort_vs_torch"]) == 4  # 2 stages x 2 models
+    assert len(results["ort_vs_torch"]) == 8  # 2 stages x 2 models x (ort, genai)
     assert all(_positive(r["ort_speedup"]) for r in results["ort_vs_torch"])
     assert results["meta"]["threads"] == 1 and results["meta"]["runs"] == 2
 

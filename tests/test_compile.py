@@ -4,6 +4,7 @@ plan and figures."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -84,6 +85,12 @@ def test_commands_on_a_compiled_folder(compiled, capsys):
         assert main(["generate", str(compiled), "The import", "--max-new-tokens", "5", "--backend", backend]) == 0
         outputs[backend] = capsys.readouterr().out.strip()
     assert outputs["ort"] == outputs["torch"] and outputs["ort"].startswith("The import")
+    assert main(["generate", str(compiled), "The import", "--backend", "genai"]) == 2  # no genai/ yet: one line
+    assert "export DIR --genai" in capsys.readouterr().err
+    assert main(["export", str(compiled), "--genai"]) == 0
+    assert (compiled / "genai" / "genai_config.json").is_file() and (compiled / "genai" / "tokenizer.json").is_file()
+    assert main(["generate", str(compiled), "The import", "--max-new-tokens", "5", "--backend", "genai"]) == 0
+    assert capsys.readouterr().out.strip().endswith(outputs["torch"])
     assert main(["generate", str(compiled), ""]) == 2  # an empty prompt: one line on stderr, no traceback
     err = capsys.readouterr().err.strip()
     assert "prompt is empty" in err and len(err.splitlines()) == 1
@@ -216,6 +223,24 @@ def test_bf16_compile_for_a_cuda_target_on_the_cpu(compiled, tiny_folder, tmp_pa
     assert main(["eval", str(out), "--onnx", "--eval-window", "64", "--eval-windows", "4", "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out)  # the folder's own (CUDA-target) graph, found without flags
     assert result["ppl_onnx"] == pytest.approx(report["ppl_after_onnx"], rel=1e-3)
+
+
+def test_gpu_check_takes_its_whole_path_on_the_cpu(tiny_folder, tmp_path):
+    """tools/gpu_check.py with --device cpu: compile, placement, fp16 far along the sequence, bench, the table."""
+    spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parents[1] / "tools" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    out = tmp_path / "out"
+    assert gpu_check.main(["--out", str(out), "--model", str(tiny_folder), "--device", "cpu", "--dtype", "fp32",
+                           "--steps", "2", "--positions", "48", "--bench-grid", "1x8", "--bench-runs", "1",
+                           "--eval-window", "64", "--eval-windows", "2", "--gen-tokens", "2", "--threads", "1"]) == 0
+    result = json.loads((out / "gpu_check.json").read_text())
+    assert result["compile"]["verify_ok"] and result["compile"]["parity_ok"]
+    assert result["placement"]["ops"]["GroupQueryAttention"] == {"CPUExecutionProvider": 2}
+    assert result["long_context"]["positions"] == 48 and result["long_context"]["top1_agreement"] >= 0.99
+    assert {(r["stage"], r["backend"]) for r in result["bench"]["rows"]} == {
+        (s, b) for s in ("prefill", "decode") for b in ("torch", "ort", "genai")}
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.md", "speedup.png"]
 
 
 def test_existing_output_needs_force_and_strangers_folders_are_never_replaced(tiny_folder, tmp_path, capsys):

@@ -17,6 +17,7 @@ from zoo import (
 )
 
 from loraprune import MagnitudeConfig, analyze, prune
+from loraprune.passes.rewrite import masked_copy
 
 
 def kinds(analysis, kind):
@@ -409,15 +410,18 @@ class Convs(nn.Module):
         return self.head(self.up(torch.relu(self.grouped(x))).mean(dim=(2, 3)))
 
 
-def test_depthwise_conv_ties_in_and_out_channels_grouped_conv_is_frozen():
+def test_depthwise_conv_ties_in_and_out_channels_grouped_conv_goes_by_whole_groups():
     a = analyze(Convs(transposed=False), torch.randn(2, 3, 8, 8))
     assert not a.frozen
-    by_members = {frozenset(p for p, _ in g.members): g.num_units for g in a.groups}
+    by_members = {frozenset(p for p, _ in g.members): (g.num_units, g.unit_size) for g in a.groups}
     # stem out = depthwise in = depthwise out = pointwise in: one group of 8 channels
     assert by_members[frozenset({"stem.weight", "stem.bias", "depthwise.weight", "depthwise.bias",
-                                 "pointwise.weight"})] == 8
-    assert all("grouped.weight" not in members for members in by_members)  # grouped conv: kept whole
-    assert by_members[frozenset({"up.weight", "up.bias", "head.weight"})] == 6
+                                 "pointwise.weight"})] == (8, 1)
+    # the grouped conv's 3 groups: 4 input channels (pointwise rows) with their 4 output channels each
+    assert by_members[frozenset({"pointwise.weight", "pointwise.bias", "grouped.weight", "grouped.bias",
+                                 "up.weight"})] == (3, 4)
+    assert by_members[frozenset({"up.weight", "up.bias", "head.weight"})] == (6, 1)
+    assert sorted(g.name for g in a.groups) == ["model", "model#2", "model#3"]  # all at the root, told apart
 
 
 def test_transposed_conv_has_no_rule_yet_so_it_is_frozen_and_reported():
@@ -455,3 +459,98 @@ def test_a_rule_that_breaks_raises_and_says_where(monkeypatch):
     with pytest.raises(ZeroDivisionError, match="a bug in the rule") as info:
         analyze(tiny_llama(), token_ids())
     assert any("dependency rule for aten::silu at node silu" in note for note in info.value.__notes__)
+
+
+class Statistic(nn.Module):
+    """up -> divided by a statistic over the tokens (dim 1 of [b, s, c]): every channel keeps its own -> down."""
+
+    def __init__(self, statistic):
+        super().__init__()
+        self.up, self.down, self.statistic = nn.Linear(4, 16), nn.Linear(16, 4), statistic
+
+    def forward(self, x):
+        h = self.up(x)
+        return self.down(h / self.statistic(h))
+
+
+@pytest.mark.parametrize("statistic", [
+    lambda h: torch.linalg.vector_norm(h, 2.0, dim=1, keepdim=True),  # ord before dim
+    lambda h: torch.norm(h, p=2, dim=1, keepdim=True),
+    lambda h: h.var(1, True, False).unsqueeze(1),  # unbiased before keepdim
+    lambda h: h.std(1, unbiased=False, keepdim=True),
+], ids=["linalg_vector_norm", "norm", "var", "std"])
+def test_statistics_read_dim_and_keepdim_by_name(statistic):
+    a = analyze(Statistic(statistic).eval(), torch.randn(2, 5, 4))
+    assert not a.frozen and [(g.num_units, sorted(g.params)) for g in a.groups] == [
+        (16, ["down.weight", "up.bias", "up.weight"])]
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, channels: int, inner: int):
+        super().__init__()
+        self.reduce, self.expand = nn.Conv2d(channels, inner, 1), nn.Conv2d(inner, channels, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.expand(torch.relu(self.reduce(F.adaptive_avg_pool2d(x, 1)))))
+
+
+class PoolingNet(nn.Module):
+    """Max pooling, padding, a roll over positions, squeeze-excitation, a grouped conv, average pooling, a
+    per-channel L2 norm over positions and adaptive max pooling: channel-wise ops, all prunable through."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv = nn.Conv2d(16, 24, 3)
+        self.se = SqueezeExcite(24, 8)
+        self.grouped = nn.Conv2d(24, 24, 3, padding=1, groups=4)
+        self.pointwise = nn.Conv2d(24, 32, 1)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(torch.relu(self.stem(x)), 2)
+        x = self.se(torch.roll(self.conv(F.pad(x, (1, 1, 1, 1), mode="reflect")), 1, dims=2))
+        x = self.pointwise(F.avg_pool2d(torch.relu(self.grouped(x)), 2))
+        x = x / (torch.linalg.vector_norm(x, 2, dim=(2, 3), keepdim=True) + 1e-3)
+        return self.head(F.adaptive_max_pool2d(x, 1).flatten(1))
+
+
+def test_pooling_padding_roll_and_grouped_conv_are_pruned_through():
+    torch.manual_seed(0)
+    model = PoolingNet().eval()
+    result = prune(model, torch.randn(2, 3, 16, 16), MagnitudeConfig(ratio=0.3, exclude_first=0, exclude_last=False))
+    assert result.report.frozen == [] and result.report.verify["ok"]
+    compact = result.model
+    assert compact.stem.out_channels < 16 and compact.se.reduce.out_channels < 8 and compact.pointwise.out_channels < 32
+    assert (compact.grouped.groups, compact.grouped.in_channels, compact.grouped.out_channels) == (3, 18, 18)
+    assert compact.conv.out_channels == compact.se.expand.out_channels == 18  # the grouped conv's groups of 6
+    x = torch.randn(3, 3, 12, 12)  # another size than at trace time
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), masked_copy(model, result.groups, result.kept_units)(x),
+                                   atol=2e-5, rtol=1e-4)
+
+
+def test_a_module_whose_code_fixes_its_widths_is_frozen_and_reported_once():
+    """nn.MultiheadAttention needs its inner width to be embed_dim: its heads and the width it reads stay whole,
+    the MLP beside it is pruned."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), Residual(nn.MultiheadAttention(16, 4, batch_first=True)),
+                          Residual(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))),
+                          nn.Linear(16, 3)).eval()
+    result = prune(model, torch.randn(2, 5, 6), MagnitudeConfig(ratio=0.3, exclude_first=0, exclude_last=False))
+    ((frozen),) = result.report.frozen
+    assert (frozen["node"], frozen["op"]) == ("1.block", "torch.nn.modules.activation.MultiheadAttention")
+    assert "embed_dim" in frozen["reason"] and "1.block.in_proj_weight" in frozen["params"]
+    assert [g.kind for g in result.groups] == ["mlp"] and result.model[2].block[0].out_features == 22
+    assert result.model[1].block.in_proj_weight.shape == (48, 16) and result.report.verify["ok"]
+
+
+class Residual(nn.Module):
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        if isinstance(self.block, nn.MultiheadAttention):
+            return x + self.block(x, x, x, need_weights=False)[0]
+        return x + self.block(x)

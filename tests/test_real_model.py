@@ -52,7 +52,8 @@ def test_cli_inspect_default_model(capsys):
 
 def test_compact_smollm2_as_group_query_attention_equals_torch(smollm2, tmp_path):
     """The CUDA-target graph of the compact SmolLM2 (its first and last layers keep all heads, so head counts
-    differ by layer) on ORT's CPU execution provider: prompt logits and 8 greedy KV-cache tokens equal PyTorch's."""
+    differ by layer) on ORT's CPU execution provider: prompt logits and 8 greedy KV-cache tokens equal PyTorch's,
+    in our loop; and 32 greedy tokens in ONNX Runtime GenAI on the same graph."""
     import numpy as np
     import onnx
 
@@ -77,3 +78,10 @@ def test_compact_smollm2_as_group_query_attention_equals_torch(smollm2, tmp_path
     np.testing.assert_allclose(got[0], logits, atol=2e-3, rtol=1e-3)
     tokens = ort_generate(None, session, prompt.numpy(), 8)
     np.testing.assert_array_equal(tokens, ref.numpy())
+
+    from loraprune.runtime.genai import genai_generate, linked_genai_folder, load_genai
+
+    genai = load_genai(linked_genai_folder(compact, path, tmp_path / "genai"))
+    with torch.no_grad():
+        ref = compact.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
+    np.testing.assert_array_equal(genai_generate(genai, prompt.numpy(), 32, min_new_tokens=32), ref.numpy())

@@ -23,7 +23,7 @@ from loraprune.runtime import attention
 from loraprune.runtime.attention import FUSED, read_attention_plan
 from loraprune.runtime.export import export_decode, export_prefill, probe_kv_shapes
 from loraprune.runtime.generate import ort_generate
-from loraprune.runtime.session import make_session, run_with_iobinding
+from loraprune.runtime.session import device_buffer, make_session, node_placement, run_with_iobinding
 
 HEAD_DIM = 16  # tiny zoo models: hidden 64 / 4 heads
 
@@ -206,6 +206,24 @@ def test_iobinding_run_matches_plain_run(prefill_graphs):
     feeds = {"input_ids": token_ids(2, 4).numpy(), "attention_mask": np.ones((2, 4), np.int64)}
     (bound,) = run_with_iobinding(sess, feeds)
     np.testing.assert_array_equal(bound.numpy(), sess.run(None, feeds)[0])
+    buffer = device_buffer(sess, bound.shape(), np.float32)
+    (into,) = run_with_iobinding(sess, feeds, buffers={"logits": buffer})
+    assert into.data_ptr() == buffer.data_ptr()  # written in place, not a new allocation
+    np.testing.assert_array_equal(buffer.numpy(), bound.numpy())
+
+
+def test_node_placement_reads_the_provider_of_every_node(decode_graphs, target):
+    """What gpu_check asserts on CUDA (no attention or MatMul node on the CPU), read the same way here."""
+    model, path = decode_graphs["nonuniform"]
+    feeds = {"input_ids": token_ids(1, 4).numpy(), "attention_mask": np.ones((1, 4), np.int64)}
+    session = make_session(path, provider="cpu", threads=1)
+    feeds |= {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in session.get_inputs()
+              if i.name.startswith("past_")}
+    placement = node_placement(path, feeds, provider="cpu", threads=1)
+    attention_op = attention.TARGETS[target]
+    assert placement[attention_op] == {"CPUExecutionProvider": len(_attention_nodes(path, attention_op))}
+    assert {p for counts in placement.values() for p in counts} == {"CPUExecutionProvider"}
+    assert "MatMul" in placement or "FusedMatMul" in placement or "Gemm" in placement
 
 
 def _attention_nodes(path, op: str = "Attention") -> list[onnx.NodeProto]:

@@ -27,6 +27,8 @@ from transformers import (
     MixtralForCausalLM,
     OPTConfig,
     OPTForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PhiConfig,
     PhiForCausalLM,
     Qwen2Config,
@@ -87,6 +89,15 @@ def tiny_phi(layers: int = 2, attn: str = "sdpa") -> PhiForCausalLM:
                     num_attention_heads=4, num_key_value_heads=4, partial_rotary_factor=0.5, qk_layernorm=True,
                     max_position_embeddings=256, attn_implementation=attn)
     return PhiForCausalLM(cfg).eval()
+
+
+def tiny_phi3(layers: int = 4, attn: str = "sdpa") -> Phi3ForCausalLM:
+    """One fused qkv_proj split by widths its attention reads from the config every layer shares; 6 query heads
+    over 2 KV heads. Four layers, so the first and last stay whole by default and the widths differ per layer."""
+    cfg = Phi3Config(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=layers,
+                     num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0,
+                     eos_token_id=1, bos_token_id=1, attn_implementation=attn)
+    return Phi3ForCausalLM(cfg).eval()
 
 
 def tiny_gptj(layers: int = 2, attn: str = "eager") -> GPTJForCausalLM:

@@ -1,14 +1,18 @@
 """Sweep: tiny random models of Hugging Face causal-LM architectures, most of them outside the test zoo, through
 the whole pipeline: groups found, magnitude prune at 0.5 (verified against the masked model), LoRAPrune for
 a few steps, ONNX export of both compact models and ORT logits against PyTorch's. It shows where the op rules
-generalise and where a model keeps its heads whole.
+generalise and where a model keeps its heads whole. Every architecture whose config takes `num_key_value_heads`
+also runs as a grouped-query variant ("<name>-GQA"): 6 query heads over 2 KV heads, in 4 layers so that the first
+and last stay whole and the widths differ per layer (code that reads them from the config every layer shares, as
+Phi-3's attention does, must still run).
 
-    .venv/bin/python tools/sweep_architectures.py --out runs/sweep_architectures [--only Qwen3 Phi]
+    .venv/bin/python tools/sweep_architectures.py --out runs/sweep_architectures [--only Qwen3 Phi3-GQA]
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import re
 import tempfile
@@ -100,8 +104,24 @@ ARCHITECTURES = {
 }
 
 
+GQA = dict(hidden_size=96, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2)
+
+
+def variants() -> dict[str, tuple[str, str, dict]]:
+    """Every architecture, followed by its grouped-query variant where its config takes num_key_value_heads."""
+    out = {}
+    for name, (config_cls, model_cls, overrides) in ARCHITECTURES.items():
+        out[name] = (config_cls, model_cls, overrides)
+        if "num_key_value_heads" in inspect.signature(getattr(transformers, config_cls).__init__).parameters:
+            out[f"{name}-GQA"] = (config_cls, model_cls, {**overrides, **GQA})
+    return out
+
+
+SWEEP = variants()
+
+
 def build(name: str) -> torch.nn.Module:
-    config_cls, model_cls, overrides = ARCHITECTURES[name]
+    config_cls, model_cls, overrides = SWEEP[name]
     torch.manual_seed(0)
     config = getattr(transformers, config_cls)(**{**COMMON, **overrides})
     return getattr(transformers, model_cls)(config).eval()
@@ -160,10 +180,10 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/sweep_architectures")
-    parser.add_argument("--only", nargs="*", choices=sorted(ARCHITECTURES), default=None)
+    parser.add_argument("--only", nargs="*", choices=sorted(SWEEP), default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    names = args.only or list(ARCHITECTURES)
+    names = args.only or list(SWEEP)
     rows = [sweep_one(name) for name in tqdm(names, desc="architectures", unit="model")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from torch import nn
 from loraprune.ir.groups import ChannelGroup, FrozenDim, module_of
 from loraprune.ir.trace import TracedProgram, trace
 from loraprune.passes.coupling import NO_CHANNEL, CouplingState, Solution
-from loraprune.passes.rules import RULES, NoRule, ParamAxes, RuleContext, op_key, unknown_op
+from loraprune.passes.rules import RULES, NoRule, ParamAxes, RuleContext, fixed_module, op_key, unknown_op
 
 __all__ = ["Analysis", "analyze", "build_groups"]
 
@@ -89,6 +89,10 @@ def _walk(program: TracedProgram, state: CouplingState):
             if all(_no_channels(a) for a in inputs) and key != "getitem":
                 atoms[node.name] = unknown_op(ctx, node)  # constants in, constants out
                 continue
+            fixed = fixed_module(node)
+            if fixed is not None:  # reported once per module: the entries of its nodes are merged in build_groups
+                reports.append((*fixed, _freeze_unknown(ctx, node, atoms)))
+                continue
             rule = RULES.get(key)
             if rule is None:
                 reports.append((node.name, key, "no dependency rule for this op", _freeze_unknown(ctx, node, atoms)))
@@ -138,8 +142,12 @@ def build_groups(program: TracedProgram) -> Analysis:
     keys = list(param_atoms)
     roots = [sol.root[param_atoms[k]] for k in keys]
     groups = _assemble(keys, roots, sol, program, shapes)
-    frozen = []
+    merged: dict[tuple[str, str, str], list[np.ndarray]] = {}
     for node, op, reason, touched in reports:
+        merged.setdefault((node, op, reason), []).append(touched)
+    frozen = []
+    for (node, op, reason), parts in merged.items():
+        touched = np.concatenate(parts)
         hit = set(sol.root[touched]) if len(touched) else set()
         params = tuple(sorted({k[0] for k, r in zip(keys, roots, strict=True) if hit and hit & set(r.tolist())}))
         frozen.append(FrozenDim(node, op, reason, params))
@@ -193,6 +201,11 @@ def _assemble(keys: list[tuple[str, int]], roots: list[np.ndarray], sol: Solutio
         groups.append(ChannelGroup(name, kind, len(units), unit_size, members, order, None, kv_members, num_kv,
                                    kv_of_unit))
     groups.sort(key=lambda g: (g.order, g.kind))
+    seen: dict[str, int] = {}
+    for g in groups:  # names key the kept units and scores: groups of one module (or of the root) get a suffix
+        seen[g.name] = seen.get(g.name, 0) + 1
+        if seen[g.name] > 1:
+            g.name = f"{g.name}#{seen[g.name]}"
     for kind in {g.kind for g in groups}:
         same = [g for g in groups if g.kind == kind]
         if len(same) > 1:

@@ -2,12 +2,15 @@
 
 Tensors are sliced (weights, biases, norm weights, buffers, PEFT LoRA factors alike: they are members of
 the same groups); module attributes that encode sizes are then patched from one table, keyed by the
-attribute name, so a new architecture needs at most a new row, never a new code path.
+attribute name, so a new architecture needs at most a new row, never a new code path. A module whose widths
+differ from those of the config shared by every layer (the first and last layers left whole, say) gets its own
+view of that config (`ConfigView`), for code that reads `self.config.num_attention_heads` at run time (Phi-3).
 """
 
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,7 +19,7 @@ from torch import nn
 from loraprune.ir.groups import ChannelGroup, module_of
 from loraprune.ir.plan import PlanError, PrunePlan
 
-__all__ = ["apply_plan", "make_plan", "masked_copy"]
+__all__ = ["ConfigView", "apply_plan", "make_plan", "masked_copy"]
 
 # attribute name -> how its new value follows from the new attention shape (heads, kv_heads, head_dim)
 ATTENTION_ATTRS = {
@@ -44,9 +47,8 @@ def _module_sizes(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):
         module.out_features, module.in_features = w.shape
     elif isinstance(module, nn.modules.conv._ConvNd):
-        depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
-        if depthwise:  # the dependency pass ties a depthwise conv's in and out channels: one group each
-            module.groups = w.shape[0]
+        if module.groups > 1:  # the dependency pass keeps or removes whole groups: each keeps its width
+            module.groups = w.shape[0] // (module.out_channels // module.groups)
         module.out_channels, module.in_channels = w.shape[0], w.shape[1] * module.groups
     elif isinstance(module, nn.Embedding):
         module.num_embeddings, module.embedding_dim = w.shape
@@ -144,6 +146,7 @@ def apply_plan(model: nn.Module, plan: PrunePlan, inplace: bool = False) -> nn.M
                 if isinstance(getattr(sub, attr, None), int):
                     setattr(sub, attr, rule(shape["heads"], shape["kv_heads"], shape["head_dim"]))
     _patch_config(model, plan)
+    _own_configs(model, plan)
     return model
 
 
@@ -161,20 +164,68 @@ def _patch_config(model: nn.Module, plan: PrunePlan) -> None:
     config = getattr(model, "config", None)
     if config is None:
         return
-    kept = {kind: {s["kept"] * s["unit_size"] for s in plan.sizes.values() if s["kind"] == kind}
-            for kind in ("mlp", "hidden")}
-    heads = {s["heads"] for s in plan.attention.values()}
-    kv = {s["kv_heads"] for s in plan.attention.values()}
+    widths = _module_widths(plan).values()
+    values = {key: {w[key] for w in widths if key in w} for key in ("heads", "kv_heads", "intermediate")}
+    values["hidden"] = {s["kept"] * s["unit_size"] for s in plan.sizes.values() if s["kind"] == "hidden"}
     head_dim = {s["head_dim"] for s in plan.attention.values()}
     if len(head_dim) == 1 and getattr(config, "head_dim", None) is None:
         config.head_dim = next(iter(head_dim))  # derived head_dim must not change when heads or hidden do
-    for key, values in (("heads", heads), ("kv_heads", kv), ("intermediate", kept["mlp"]),
-                        ("hidden", kept["hidden"])):
-        if len(values) == 1:
+    for key, kept in values.items():
+        if len(kept) == 1:
             for attr in CONFIG_ATTRS[key]:
                 if getattr(config, attr, None) is not None:
-                    setattr(config, attr, next(iter(values)))
-    config.loraprune_uniform = all(len(v) <= 1 for v in (heads, kv, kept["mlp"]))
+                    setattr(config, attr, next(iter(kept)))
+    config.loraprune_uniform = all(len(v) <= 1 for v in values.values())
+
+
+class ConfigView:
+    """One module's view of a config that every layer shares: its own widths, and every other attribute read from
+    the shared config, so a later change there (`set_attn_implementation`, say) still reaches the module."""
+
+    def __init__(self, shared: Any, widths: dict[str, int]) -> None:
+        self._shared = shared
+        self._widths = widths  # canonical attribute name (after the config's attribute_map) -> this module's value
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or "_shared" not in self.__dict__:  # copy/pickle probe an empty instance
+            raise AttributeError(name)
+        canonical = getattr(self._shared, "attribute_map", {}).get(name, name)
+        return self._widths[canonical] if canonical in self._widths else getattr(self._shared, name)
+
+    def __repr__(self) -> str:
+        return f"ConfigView({type(self._shared).__name__}, {self._widths})"
+
+
+def _module_widths(plan: PrunePlan) -> dict[str, dict[str, int]]:
+    """The widths each rewritten module has now, keyed like CONFIG_ATTRS, by module name. MLP groups whose units
+    span several rows of one weight (a fused gate/up projection) are of kind "channel"."""
+    widths = {name: {"heads": s["heads"], "kv_heads": s["kv_heads"]} for name, s in plan.attention.items()}
+    for name, s in plan.sizes.items():
+        if s["kind"] in ("mlp", "channel"):
+            widths.setdefault(name, {})["intermediate"] = s["kept"] * s["unit_size"]
+    return widths
+
+
+def _own_configs(model: nn.Module, plan: PrunePlan) -> None:
+    """Give every module whose widths differ from the shared config's its own `ConfigView`, in each attribute of
+    it or of its submodules that holds the shared config (an inner module's widths win over its ancestor's)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    aliases = getattr(config, "attribute_map", {})
+    own: dict[int, tuple[nn.Module, dict[str, int]]] = {}
+    for name, widths in sorted(_module_widths(plan).items()):
+        values = {aliases.get(attr, attr): value for key, value in widths.items() for attr in CONFIG_ATTRS[key]
+                  if getattr(config, attr, None) not in (None, value)}
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue  # a group named after no single module: nothing there holds its widths
+        for sub in module.modules() if values else ():
+            own.setdefault(id(sub), (sub, {}))[1].update(values)
+    for sub, values in own.values():
+        for attr in [attr for attr, value in vars(sub).items() if value is config]:
+            setattr(sub, attr, ConfigView(config, values))
 
 
 def masked_copy(model: nn.Module, groups: list[ChannelGroup], kept_units: dict[str, np.ndarray]) -> nn.Module:

@@ -7,7 +7,8 @@ every channel it touches and reports it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +17,7 @@ from torch.fx import Node
 
 from loraprune.passes.coupling import NO_CHANNEL, CouplingState
 
-__all__ = ["RULES", "NoRule", "ParamAxes", "RuleContext", "register"]
+__all__ = ["FIXED_MODULES", "RULES", "NoRule", "ParamAxes", "RuleContext", "fixed_module", "register"]
 
 
 class NoRule(Exception):
@@ -33,6 +34,14 @@ class ParamAxes:
 Atoms = np.ndarray | ParamAxes | None | list
 Rule = Callable[["RuleContext", Node], Atoms]
 RULES: dict[str, Rule] = {}
+
+# Modules (by qualified class name, as torch.export records them in a node's nn_module_stack) whose code fixes
+# widths that the op rules inside them would let shrink: their ops are not read, every channel they touch is
+# frozen, and the module is reported once with the reason.
+FIXED_MODULES = {
+    "torch.nn.modules.activation.MultiheadAttention":
+        "nn.MultiheadAttention computes its heads at embed_dim, the width of its input: heads and width stay whole",
+}
 
 
 def register(*ops: str) -> Callable[[Rule], Rule]:
@@ -54,6 +63,14 @@ def op_key(node: Node) -> str:
         name = target.name()  # 'aten::add.Tensor'
         return name[: -len(".default")] if name.endswith(".default") else name
     return getattr(target, "__name__", str(target))
+
+
+def fixed_module(node: Node) -> tuple[str, str, str] | None:
+    """(path, class name, reason) of the outermost FIXED_MODULES module that `node` runs inside, if any."""
+    for path, cls in (node.meta.get("nn_module_stack") or {}).values():
+        if cls in FIXED_MODULES:
+            return path, cls, FIXED_MODULES[cls]
+    return None
 
 
 class RuleContext:
@@ -127,6 +144,16 @@ def _is_constant(atoms: np.ndarray) -> bool:
 
 def _norm_dim(dim: int, ndim: int) -> int:
     return dim + ndim if dim < 0 else dim
+
+
+def _arg(node: Node, name: str, default: object = None) -> object:
+    """The argument `name` of an ATen call, given by position or by keyword (found in the op's schema): ops of
+    one family put it at different positions (`linalg_vector_norm(self, ord, dim, ...)`)."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    names = [a.name for a in node.target._schema.arguments]
+    index = names.index(name) if name in names else len(node.args)
+    return node.args[index] if index < len(node.args) else default
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -242,18 +269,16 @@ def _reduce(ctx: RuleContext, atoms: np.ndarray, dims: list[int], keepdim: bool)
 
 
 @register("aten::mean.dim", "aten::sum.dim_IntList", "aten::amax", "aten::amin", "aten::var.correction",
-          "aten::std.correction", "aten::var.dim", "aten::logsumexp", "aten::norm.ScalarOpt_dim",
+          "aten::std.correction", "aten::var.dim", "aten::std.dim", "aten::logsumexp", "aten::norm.ScalarOpt_dim",
           "aten::linalg_vector_norm")
 def aten_mean_dim(ctx: RuleContext, node: Node) -> Atoms:
-    """mean(self, dim, keepdim): a statistic over channels (RMSNorm's mean of squares)."""
+    """mean(self, dim, keepdim): a statistic over channels (RMSNorm's mean of squares). No dim (or an empty list)
+    reduces every dim."""
     atoms = ctx.joint(node.args[0])
     nd = atoms.ndim
-    dims = node.args[1] if len(node.args) > 1 and node.args[1] is not None else list(range(nd))
-    dims = [dims] if isinstance(dims, int) else list(dims)
-    keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
-    if node.target.__name__.startswith(("var", "std")):
-        keepdim = bool(node.kwargs.get("keepdim", keepdim))
-    return _reduce(ctx, atoms, sorted(_norm_dim(d, nd) for d in dims), keepdim)
+    dims = _arg(node, "dim")
+    dims = [dims] if isinstance(dims, int) else list(dims or range(nd))
+    return _reduce(ctx, atoms, sorted(_norm_dim(d, nd) for d in dims), bool(_arg(node, "keepdim", False)))
 
 
 @register("aten::max.dim", "aten::min.dim")
@@ -309,6 +334,59 @@ def aten_batch_norm(ctx: RuleContext, node: Node) -> Atoms:
     if node.target.__name__ == "batch_norm":
         return atoms
     return [atoms, None, None]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ops that move values along positions inside each channel: pooling, resampling, padding, rolling
+# ---------------------------------------------------------------------------------------------------------
+def _along(ctx: RuleContext, node: Node, dims: Iterable[int]) -> np.ndarray:
+    """Atoms of an op that moves values along `dims` only: the channels of the other dims pass through. Along a
+    channel dim it would mix neighbouring channels or shift them by a literal amount, so it is declined."""
+    atoms = ctx.joint(node.args[0])
+    if any(atoms.shape[_norm_dim(d, atoms.ndim)] > 1 for d in dims):
+        raise NoRule(f"{op_key(node)} along a dim that carries channels")
+    return atoms
+
+
+def _spatial_dims(node: Node) -> range:
+    """The trailing dims a 1d / 2d / 3d pooling or resampling op works over (before them: channels, batch)."""
+    k = int(re.search(r"([123])d", op_key(node)).group(1))
+    return range(-k, 0)
+
+
+@register("aten::avg_pool1d", "aten::avg_pool2d", "aten::avg_pool3d", "aten::max_pool1d", "aten::max_pool2d",
+          "aten::max_pool3d", "aten::adaptive_avg_pool1d", "aten::adaptive_avg_pool2d", "aten::adaptive_avg_pool3d",
+          "aten::_adaptive_avg_pool2d", "aten::_adaptive_avg_pool3d", "aten::upsample_nearest1d.vec",
+          "aten::upsample_nearest2d.vec", "aten::upsample_nearest3d.vec", "aten::upsample_bilinear2d.vec",
+          "aten::upsample_nearest2d", "aten::upsample_bilinear2d")
+def aten_avg_pool2d(ctx: RuleContext, node: Node) -> Atoms:
+    """avg_pool2d(self[N, C, H, W], kernel_size, ...): each channel pooled (or resampled) over its own H, W."""
+    return _along(ctx, node, _spatial_dims(node))
+
+
+@register("aten::max_pool1d_with_indices", "aten::max_pool2d_with_indices", "aten::max_pool3d_with_indices",
+          "aten::adaptive_max_pool1d", "aten::adaptive_max_pool2d", "aten::adaptive_max_pool3d")
+def aten_max_pool2d_with_indices(ctx: RuleContext, node: Node) -> Atoms:
+    """max_pool2d_with_indices(self[N, C, H, W], ...) -> (values, indices): both per channel."""
+    atoms = _along(ctx, node, _spatial_dims(node))
+    return [atoms, atoms]
+
+
+@register("aten::pad", "aten::constant_pad_nd", "aten::reflection_pad1d", "aten::reflection_pad2d",
+          "aten::reflection_pad3d", "aten::replication_pad1d", "aten::replication_pad2d", "aten::replication_pad3d",
+          "aten::_pad_circular")
+def aten_pad(ctx: RuleContext, node: Node) -> Atoms:
+    """pad(self, pad[2k], mode, value): pad[2i], pad[2i+1] pad the i-th dim from the end; dims padded by 0 are
+    untouched."""
+    pad = node.args[1]
+    return _along(ctx, node, [-1 - i for i in range(len(pad) // 2) if pad[2 * i] or pad[2 * i + 1]])
+
+
+@register("aten::roll")
+def aten_roll(ctx: RuleContext, node: Node) -> Atoms:
+    """roll(self, shifts, dims): a cyclic shift along dims (Swin's shifted windows); no dims rolls the flattened
+    tensor, which moves values across every dim."""
+    return _along(ctx, node, _arg(node, "dims") or range(len(ctx.shape(node))))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -429,7 +507,8 @@ def _matmul(ctx: RuleContext, node: Node, a: Node, b: Node) -> np.ndarray:
 
 @register("aten::convolution", "aten::conv2d", "aten::conv1d", "aten::conv3d", "aten::_convolution")
 def aten_convolution(ctx: RuleContext, node: Node) -> Atoms:
-    """convolution(input, weight[out, in/groups, ...], bias, ..., groups): channels on dim 1.
+    """convolution(input, weight[out, in/groups, ...], bias, ..., groups): channels on dim 1; with groups > 1
+    (depthwise among them) a whole group of input and output channels moves as one.
 
     conv1d/2d/3d(input, weight, bias, stride, padding, dilation, groups) carry groups at index 6;
     convolution/_convolution(..., transposed, output_padding, groups, ...) at index 8. A transposed
@@ -450,16 +529,12 @@ def aten_convolution(ctx: RuleContext, node: Node) -> Atoms:
         raise NoRule("input channels vary with other dims")
     for kernel_dim in range(2, len(ctx.shape(weight))):
         ctx.state.freeze(ctx.axis_atoms(weight, kernel_dim))
-    c_in = ctx.shape(x)[1]
     if groups == 1:
-        _contract(ctx, x_in, w_in, c_in)
-    elif groups == c_in and len(w_out) == c_in and len(w_in) == 1:  # depthwise: channel i in -> channel i out
-        ctx.state.equal(x_in, w_out)
-        ctx.state.freeze(w_in)
-    else:  # grouped convolution: keep whole (a rule for it is a missed saving, never a wrong one)
-        ctx.state.freeze(x_in)
-        ctx.state.freeze(w_in)
-        ctx.state.freeze(w_out)
+        _contract(ctx, x_in, w_in, ctx.shape(x)[1])
+    else:  # group g maps its input channels to its output channels alone: each group is one unit, kept or removed
+        ctx.state.equal(ctx.state.merge_along(x_in.reshape(groups, -1), 1),
+                        ctx.state.merge_along(w_out.reshape(groups, -1), 1))
+        ctx.state.freeze(w_in)  # a weight column is the same input position inside every group
     if isinstance(bias, Node):
         ctx.state.equal(w_out, ctx.joint(bias))
     return np.expand_dims(w_out, [d for d in range(nd) if d != 1])
@@ -678,7 +753,8 @@ def aten_copy(ctx: RuleContext, node: Node) -> Atoms:
 
 
 @register("aten::new_empty", "aten::new_zeros", "aten::new_ones", "aten::new_full", "aten::new_empty_strided",
-          "aten::empty_like", "aten::zeros_like", "aten::ones_like", "aten::full_like")
+          "aten::empty_like", "aten::zeros_like", "aten::ones_like", "aten::full_like", "aten::zero",
+          "aten::fill.Scalar")
 def aten_new_empty(ctx: RuleContext, node: Node) -> Atoms:
     """A new tensor that takes only its dtype, device (or shape) from the input: its values carry no channels.
     Where it meets channels they are frozen, unless they overwrite it (copy, slice_scatter)."""

@@ -6,13 +6,15 @@ rounds, then ``runs`` timed rounds; each cell reports median, min and max. Torch
 threads are fixed to ``threads`` and reported. The ratio dense/compact is the headline, since absolute times
 on a shared machine drift; the load average before and after is recorded as a noise hint.
 
-- prefill: one forward over ``[batch, seq]`` (torch: ``no_grad``, ``use_cache=False``; ORT: the prefill graph),
-  logits for every position in both. Ideal speedup = MACs ratio, counted by ``count_macs`` on a trace of each
+- prefill: one forward over ``[batch, seq]`` (torch: ``no_grad``, ``use_cache=False``; ORT: the prefill graph;
+  ONNX Runtime GenAI: ``append_tokens`` of the prompt on the decode graph, which also writes the cache),
+  logits for every position in all. Ideal speedup = MACs ratio, counted by ``count_macs`` on a trace of each
   model at exactly that shape (linear, matmul and attention MACs, lm_head included).
 - decode: greedy generation of ``decode_tokens`` tokens after a ``[batch, seq]`` prompt (torch:
-  ``generate(do_sample=False, min_new_tokens=max_new_tokens)``; ORT: ``ort_generate`` on the decode graph).
-  Only the KV-cache steps are timed: a clock stamps the end of every step (a streamer in torch, the
-  session's run in ORT), and the time per step is (last stamp - stamp after the prompt step) / (tokens - 1),
+  ``generate(do_sample=False, min_new_tokens=max_new_tokens)``; ORT: ``ort_generate`` on the decode graph;
+  GenAI: its own loop on the same graph). Only the KV-cache steps are timed: a clock stamps the end of every
+  step (a streamer in torch, the session's run in ORT, ``generate_next_token`` in GenAI), and the time per
+  step is (last stamp - stamp after the prompt step) / (tokens - 1),
   so the prompt step (a prefill) does not blur the decode figure. Ideal speedup = weight-bytes ratio of the
   bytes a step reads: every parameter once, minus lookup-only embedding tables (an input embedding that is
   not tied to the output projection is read one row per token, not whole).
@@ -21,8 +23,12 @@ on a shared machine drift; the load average before and after is recorded as a no
   current RSS, the stage runs once, untimed, and VmHWM - VmRSS(before) is reported (glibc's ``malloc_trim``
   first, so memory freed by earlier stages does not hide this one's demand). Weights are resident before
   the stage, so they are in the model table (weight bytes, ONNX bytes), not in this figure. ORT keeps a
-  growing memory arena per session, so ORT stages are measured on a fresh session's first run. Torch on
-  CUDA reports the CUDA allocator's peak above its level before the stage instead; ORT on CUDA reports none.
+  growing memory arena per session, so ORT stages are measured on a fresh session's first run. On CUDA,
+  torch reports its allocator's peak above its level before the stage, and ORT the device memory its fresh
+  session's first run took (``cudaMemGetInfo`` before and after; its arena keeps what the run reached, so
+  this is the run's peak, measured the only way ORT's Python API allows). ORT runs on the device torch's
+  model is on (CUDA sessions for a CUDA model, CPU ones for a CPU model), so a row compares like with like,
+  and every timed CUDA stage ends with a synchronisation.
   Where the peak mark cannot be reset the field is None: ``ru_maxrss`` never decreases, so it cannot
   isolate a stage that is not the process's largest.
 """
@@ -49,6 +55,7 @@ from torch import nn
 from loraprune.ir.trace import trace
 from loraprune.passes.macs import count_macs
 from loraprune.runtime.export import export_decode, export_prefill
+from loraprune.runtime.genai import linked_genai_folder, load_genai, new_generator
 from loraprune.runtime.generate import ort_generate
 from loraprune.runtime.session import make_session, run_session
 
@@ -56,7 +63,7 @@ __all__ = ["DEFAULT_GRID", "bench_pair", "model_stats", "stage_allocated_mb", "s
 
 DEFAULT_GRID = ((1, 128), (1, 512), (8, 128))
 MODELS = ("dense", "compact")
-BACKENDS = ("torch", "ort")
+BACKENDS = ("torch", "ort", "genai")
 MIB = 1024 * 1024
 MEMORY_METHOD = ("peak RSS above the RSS before the stage, one untimed run: /proc/self/clear_refs resets VmHWM, "
                  "then VmHWM - VmRSS(before); ORT on a fresh session; torch on CUDA: allocator peak")
@@ -237,20 +244,19 @@ def _ort_prefill(session: ort.InferenceSession, ids: torch.Tensor) -> Callable[[
 
 @contextmanager
 def _clocked(session: ort.InferenceSession, stamps: list[float]) -> Iterator[None]:
-    """Stamp the end of every graph run of ``session`` (plain run on CPU, IO-binding run on CUDA)."""
-    def stamped(fn: Callable) -> Callable:
-        def wrapper(*args, **kwargs):
-            result = fn(*args, **kwargs)
-            stamps.append(time.perf_counter())
-            return result
-        return wrapper
+    """Stamp the end of every graph run of ``session`` (an IO-binding run, which returns once it is done)."""
+    run = session.run_with_iobinding
 
-    session.run = stamped(session.run)
-    session.run_with_iobinding = stamped(session.run_with_iobinding)
+    def stamped(*args, **kwargs):
+        result = run(*args, **kwargs)
+        stamps.append(time.perf_counter())
+        return result
+
+    session.run_with_iobinding = stamped
     try:
         yield
     finally:
-        del session.run, session.run_with_iobinding  # the instance attributes; the class methods remain
+        del session.run_with_iobinding  # the instance attribute; the class method remains
 
 
 def _ort_decode(session: ort.InferenceSession, ids: torch.Tensor, tokens: int) -> Callable[[], float]:
@@ -263,6 +269,36 @@ def _ort_decode(session: ort.InferenceSession, ids: torch.Tensor, tokens: int) -
         if out.shape[1] != prompt.shape[1] + tokens or len(stamps) != tokens:
             raise RuntimeError(f"ort_generate made {out.shape[1] - prompt.shape[1]} tokens, expected {tokens}")
         return (stamps[-1] - stamps[0]) / (tokens - 1) * 1e3  # stamps[0]: the end of the prompt step
+
+    return run
+
+
+def _genai_prefill(model, ids: torch.Tensor) -> Callable[[], float]:
+    prompt = ids.numpy().astype(np.int32)
+
+    def run() -> float:
+        generator = new_generator(model, prompt.shape[0], prompt.shape[1], 1)
+        start = time.perf_counter()
+        generator.append_tokens(prompt)
+        return (time.perf_counter() - start) * 1e3
+
+    return run
+
+
+def _genai_decode(model, ids: torch.Tensor, tokens: int) -> Callable[[], float]:
+    """The first generate_next_token only picks from the prompt's logits; each later one runs a KV-cache step."""
+    prompt = ids.numpy().astype(np.int32)
+
+    def run() -> float:
+        generator = new_generator(model, prompt.shape[0], prompt.shape[1], tokens, min_new_tokens=tokens)
+        generator.append_tokens(prompt)
+        stamps = []
+        while not generator.is_done():
+            generator.generate_next_token()
+            stamps.append(time.perf_counter())
+        if len(stamps) != tokens:
+            raise RuntimeError(f"onnxruntime-genai made {len(stamps)} tokens, expected {tokens}")
+        return (stamps[-1] - stamps[0]) / (tokens - 1) * 1e3
 
     return run
 
@@ -327,17 +363,17 @@ def _rows(stage: str, batch: int, seq: int, samples: dict, memory: dict, ideal: 
 
 
 def _ort_vs_torch(rows: list[dict]) -> list[dict]:
-    """Torch median / ORT median, per stage, shape and model (the four cells ran interleaved)."""
+    """Torch median / ORT (or GenAI) median, per stage, shape and model (the cells ran interleaved)."""
     by_key = {(r["stage"], r["batch"], r["seq"], r["backend"]): r for r in rows}
     out = []
     for (stage, batch, seq, backend), row in by_key.items():
         other = by_key.get((stage, batch, seq, "torch"))
-        if backend != "ort" or other is None:
+        if backend == "torch" or other is None:
             continue
         for name in MODELS:
             t, o = other[name]["median_ms"], row[name]["median_ms"]
-            out.append({"stage": stage, "batch": batch, "seq": seq, "model": name, "torch_ms": t, "ort_ms": o,
-                        "ort_speedup": _ratio(t, o)})
+            out.append({"stage": stage, "batch": batch, "seq": seq, "model": name, "backend": backend,
+                        "torch_ms": t, "ort_ms": o, "ort_speedup": _ratio(t, o)})
     return out
 
 
@@ -381,15 +417,24 @@ def bench_pair(dense_model: nn.Module, compact_model: nn.Module, *,
         paths: dict[str, dict[str, Path]] = {}
         sessions: dict[str, dict[str, ort.InferenceSession]] = {}
         devices = {"torch": str(_device(dense_model))}
-        if "ort" in providers:
+        genai: dict[str, object] = {}
+        provider = _provider_for(_device(dense_model))
+        if {"ort", "genai"} & set(providers):
             for name, m in models.items():
                 paths[name] = (exported or {}).get(name) or {
                     "prefill": export_prefill(m, workdir / f"{name}_prefill.onnx", **(export_options or {})),
                     "decode": export_decode(m, workdir / f"{name}_decode.onnx", **(export_options or {}))}
                 stats[name]["onnx_prefill_bytes"] = _onnx_bytes(paths[name]["prefill"])
                 stats[name]["onnx_decode_bytes"] = _onnx_bytes(paths[name]["decode"])
-                sessions[name] = {k: make_session(p, threads=threads) for k, p in paths[name].items()}
+                if "ort" in providers:
+                    sessions[name] = {k: make_session(p, provider, threads=threads) for k, p in paths[name].items()}
+                if "genai" in providers:
+                    genai[name] = load_genai(linked_genai_folder(m, paths[name]["decode"], workdir / f"{name}_genai",
+                                                                 target=provider, threads=threads))
+        if "ort" in providers:
             devices["ort"] = sessions["dense"]["prefill"].get_providers()[0]
+        if "genai" in providers:
+            devices["genai"] = f"onnxruntime-genai ({provider})"
 
         rows: list[dict] = []
         steps = tqdm(total=2 * len(grid), desc="bench", disable=not progress, leave=False)
@@ -398,7 +443,8 @@ def bench_pair(dense_model: nn.Module, compact_model: nn.Module, *,
             macs = {name: count_macs(trace(m, ids.to(_device(m))).graph) for name, m in models.items()}
             for stage in ("prefill", "decode"):
                 steps.set_postfix_str(f"{stage} {batch}x{seq}")
-                cells, memory = _stage_cells(stage, models, sessions, paths, ids, decode_tokens, threads, providers)
+                cells, memory = _stage_cells(stage, models, sessions, genai, paths, ids, decode_tokens, threads,
+                                             providers)
                 samples = _alternate(cells, runs, warmup)
                 if stage == "prefill":
                     ideal, extra = macs, {"dense_macs": macs["dense"], "compact_macs": macs["compact"]}
@@ -426,8 +472,9 @@ def bench_pair(dense_model: nn.Module, compact_model: nn.Module, *,
     return {"meta": meta, "models": stats, "rows": rows, "ort_vs_torch": _ort_vs_torch(rows)}
 
 
-def _stage_cells(stage: str, models: dict[str, nn.Module], sessions: dict, paths: dict, ids: torch.Tensor,
-                 decode_tokens: int, threads: int, providers: Sequence[str]) -> tuple[dict, dict]:
+def _stage_cells(stage: str, models: dict[str, nn.Module], sessions: dict, genai: dict, paths: dict,
+                 ids: torch.Tensor, decode_tokens: int, threads: int, providers: Sequence[str]
+                 ) -> tuple[dict, dict]:
     """The timed callables of one stage, keyed (backend, model), and the memory measurements to run after."""
     cells: dict[tuple[str, str], Callable[[], float]] = {}
     memory: dict[tuple[str, str], Callable[[], float | None]] = {}
@@ -435,30 +482,49 @@ def _stage_cells(stage: str, models: dict[str, nn.Module], sessions: dict, paths
         if backend not in providers:
             continue
         for name, model in models.items():
+            device = _device(model)
             if backend == "torch":
                 cell = (_torch_prefill(model, ids) if stage == "prefill"
                         else _torch_decode(model, ids, decode_tokens))
-                cuda = _device(model).type == "cuda"
+                cuda = device.type == "cuda"
                 memory[(backend, name)] = lambda cell=cell, cuda=cuda: stage_memory_mb(cell, cuda=cuda)
+            elif backend == "genai":  # GenAI keeps its own allocator and cache: no per-stage figure
+                cell = (_genai_prefill(genai[name], ids) if stage == "prefill"
+                        else _genai_decode(genai[name], ids, decode_tokens))
+                memory[(backend, name)] = lambda: None
             else:
                 cell = (_ort_prefill(sessions[name]["prefill"], ids) if stage == "prefill"
                         else _ort_decode(sessions[name]["decode"], ids, decode_tokens))
-                memory[(backend, name)] = lambda p=paths[name][stage]: _fresh_ort_memory(
-                    p, stage, ids, decode_tokens, threads)
+                memory[(backend, name)] = lambda p=paths[name][stage], d=device: _fresh_ort_memory(
+                    p, stage, ids, decode_tokens, threads, d)
             cells[(backend, name)] = cell
     return cells, memory
 
 
-def _fresh_ort_memory(path: Path, stage: str, ids: torch.Tensor, decode_tokens: int, threads: int) -> float | None:
+def _fresh_ort_memory(path: Path, stage: str, ids: torch.Tensor, decode_tokens: int, threads: int,
+                      device: torch.device) -> float | None:
     """ORT's arena keeps what a session once used, so a warm session shows no growth: use a new one."""
-    session = make_session(path, threads=threads)
-    if session.get_providers()[0] != "CPUExecutionProvider":
-        return None
+    session = make_session(path, _provider_for(device), threads=threads)
     run = _ort_prefill(session, ids) if stage == "prefill" else _ort_decode(session, ids, decode_tokens)
     try:
-        return stage_memory_mb(run)
+        if device.type != "cuda":
+            return stage_memory_mb(run)
+        used_before = _device_used_bytes(device)
+        run()
+        return (_device_used_bytes(device) - used_before) / MIB
     finally:
         del session
+
+
+def _device_used_bytes(device: torch.device) -> int:
+    torch.cuda.synchronize(device)
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free
+
+
+def _provider_for(device: torch.device) -> str:
+    """The ORT provider for the device torch runs on."""
+    return "cuda" if device.type == "cuda" else "cpu"
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -503,11 +569,13 @@ def _markdown(results: dict) -> str:
                      f"({r['ideal_basis']}) | {r['efficiency']:.3f} | {_fmt_mem(d['stage_mem_mb'])} | "
                      f"{_fmt_mem(c['stage_mem_mb'])} |")
     if results.get("ort_vs_torch"):
-        lines += ["", "ONNX Runtime vs PyTorch (torch median / ORT median, same interleaved rounds):", "",
-                  "| stage | batch x seq | model | torch ms | ORT ms | ORT speedup |", "|---|---|---|---:|---:|---:|"]
+        lines += ["", "ONNX Runtime (our loop: ort; GenAI: genai) vs PyTorch (torch median / its median, same "
+                  "interleaved rounds):", "",
+                  "| stage | batch x seq | model | backend | torch ms | its ms | speedup over torch |",
+                  "|---|---|---|---|---:|---:|---:|"]
         for r in results["ort_vs_torch"]:
-            lines.append(f"| {r['stage']} | {r['batch']}x{r['seq']} | {r['model']} | {r['torch_ms']:.2f} | "
-                         f"{r['ort_ms']:.2f} | {r['ort_speedup']:.3f} |")
+            lines.append(f"| {r['stage']} | {r['batch']}x{r['seq']} | {r['model']} | {r.get('backend', 'ort')} | "
+                         f"{r['torch_ms']:.2f} | {r['ort_ms']:.2f} | {r['ort_speedup']:.3f} |")
     return "\n".join(lines) + "\n"
 
 

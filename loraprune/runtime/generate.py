@@ -5,6 +5,10 @@ length 0), which needs no second graph, or on a prefill graph exported with ``wi
 when one is given. Every later step feeds one token per row plus the previous step's presents.
 Greedy decoding reproduces ``model.generate(do_sample=False)`` token for token. Rows that emit
 EOS are padded, as transformers does, and the loop stops once every row has finished.
+
+The KV cache never leaves the session's device: each step's presents are bound, as OrtValues, as the
+next step's pasts, and every step's logits go into one buffer allocated before the loop. Only the last
+position's logits (``batch x vocab``) come to the host, where the next token is chosen.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from loraprune.runtime.session import as_session, run_session
+from loraprune.runtime.session import as_session, device_buffer, run_session
 
 __all__ = ["ort_generate"]
 
@@ -47,12 +51,17 @@ def _input_dtype(session: ort.InferenceSession, name: str) -> type:
     return next(_np_type(i) for i in session.get_inputs() if i.name == name)
 
 
-def _named(session: ort.InferenceSession, values: list) -> dict[str, np.ndarray | ort.OrtValue]:
+def _named(session: ort.InferenceSession, values: list[ort.OrtValue]) -> dict[str, ort.OrtValue]:
     return {o.name: v for o, v in zip(session.get_outputs(), values, strict=True)}
 
 
-def _as_numpy(value: np.ndarray | ort.OrtValue) -> np.ndarray:
-    return value.numpy() if isinstance(value, ort.OrtValue) else value
+def _step_logits_buffer(session: ort.InferenceSession, batch: int) -> dict[str, ort.OrtValue]:
+    """The one-token step's ``logits [batch, 1, vocab]`` buffer, when the graph states vocab and its type."""
+    out = next(o for o in session.get_outputs() if o.name == "logits")
+    vocab = out.shape[-1]
+    if not isinstance(vocab, int) or out.type not in _NP_TYPES:
+        return {}
+    return {"logits": device_buffer(session, (batch, 1, vocab), _NP_TYPES[out.type])}
 
 
 def _next_tokens(logits: np.ndarray, do_sample: bool, temperature: float, top_k: int,
@@ -116,8 +125,9 @@ def ort_generate(prefill_session_or_path: SessionLike | None, decode_session_or_
     rng = np.random.default_rng(seed)
     finished = np.zeros(batch, dtype=bool)
     new_tokens: list[np.ndarray] = []
+    step_logits = _step_logits_buffer(decode, batch)
     for step in range(max_new_tokens):
-        token = _next_tokens(_as_numpy(outs["logits"])[:, -1, :], do_sample, temperature, top_k, rng)
+        token = _next_tokens(outs["logits"].numpy()[:, -1, :], do_sample, temperature, top_k, rng)
         token = np.where(finished, pad, token).astype(np.int64)
         if eos:
             finished |= np.isin(token, eos)
@@ -127,5 +137,5 @@ def ort_generate(prefill_session_or_path: SessionLike | None, decode_session_or_
         mask = np.concatenate([mask, np.ones((batch, 1), mask_dtype)], axis=1)
         feeds = {"input_ids": token[:, None], "attention_mask": mask}
         feeds.update({n: outs[n.replace("past_", "present_", 1)] for n in past_names})
-        outs = _named(decode, run_session(decode, feeds))
+        outs = _named(decode, run_session(decode, feeds, buffers=step_logits))
     return np.concatenate([ids, np.stack(new_tokens, axis=1)], axis=1)
