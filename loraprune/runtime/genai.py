@@ -60,6 +60,11 @@ def _first(value: int | Sequence[int] | None) -> int | None:
     return value[0] if isinstance(value, list | tuple) else value
 
 
+def _stated(name: str, *configs: object, default: int | None) -> int | None:
+    """The first of `configs` that states `name` (a token id; 0 counts), else `default`."""
+    return next((v for c in configs if (v := getattr(c, name, None)) is not None), default)
+
+
 def genai_config(model: nn.Module, shapes: Sequence[KVShape], *, target: str = "cpu",
                  eos_token_id: int | Sequence[int] | None = None, graph: str = GRAPH_NAME,
                  threads: int | None = None) -> dict:
@@ -71,19 +76,17 @@ def genai_config(model: nn.Module, shapes: Sequence[KVShape], *, target: str = "
     if threads is not None:
         session |= {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
     config, generation = model.config, getattr(model, "generation_config", None)
-    eos = eos_token_id if eos_token_id is not None else getattr(generation, "eos_token_id", None)
-    eos = eos if eos is not None else config.eos_token_id
+    eos = eos_token_id if eos_token_id is not None else _stated("eos_token_id", generation, config, default=None)
     if eos is None:
         raise GenAIUnsupported(f"{type(model).__name__} states no EOS token id (config or generation config); "
                                "pass eos_token_id= (or a tokenizer that has one)")
-    pad = getattr(generation, "pad_token_id", None)
-    pad = pad if pad is not None else (config.pad_token_id if config.pad_token_id is not None else _first(eos))
-    bos = getattr(generation, "bos_token_id", None) or config.bos_token_id
+    pad = _stated("pad_token_id", generation, config, default=_first(eos))
+    bos = _stated("bos_token_id", generation, config, default=_first(eos))
     context = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048))
     return {
         "model": {
             "type": "decoder",
-            "bos_token_id": bos if bos is not None else _first(eos),
+            "bos_token_id": bos,
             "eos_token_id": list(eos) if isinstance(eos, list | tuple) else eos,
             "pad_token_id": pad,
             "context_length": context,
