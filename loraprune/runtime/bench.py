@@ -57,7 +57,7 @@ from loraprune.passes.macs import count_macs
 from loraprune.runtime.export import export_decode, export_prefill
 from loraprune.runtime.genai import linked_genai_folder, load_genai, new_generator
 from loraprune.runtime.generate import ort_generate
-from loraprune.runtime.session import make_session, run_session
+from loraprune.runtime.session import make_session, run_with_iobinding
 
 __all__ = ["DEFAULT_GRID", "bench_pair", "model_stats", "stage_allocated_mb", "stage_memory_mb", "write_report"]
 
@@ -236,7 +236,7 @@ def _ort_prefill(session: ort.InferenceSession, ids: torch.Tensor) -> Callable[[
 
     def run() -> float:
         start = time.perf_counter()
-        run_session(session, feeds)
+        run_with_iobinding(session, feeds)
         return (time.perf_counter() - start) * 1e3
 
     return run

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from loraprune.runtime.session import as_session, device_buffer, run_session
+from loraprune.runtime.session import as_session, device_buffer, run_with_iobinding
 
 __all__ = ["ort_generate"]
 
@@ -120,7 +120,7 @@ def ort_generate(prefill_session_or_path: SessionLike | None, decode_session_or_
                              "export it with export_prefill(..., with_cache=True), "
                              "or pass None to start on the decode graph")
         first, feeds = prefill, {"input_ids": ids, "attention_mask": mask}
-    outs = _named(first, run_session(first, feeds))
+    outs = _named(first, run_with_iobinding(first, feeds))
 
     rng = np.random.default_rng(seed)
     finished = np.zeros(batch, dtype=bool)
@@ -137,5 +137,5 @@ def ort_generate(prefill_session_or_path: SessionLike | None, decode_session_or_
         mask = np.concatenate([mask, np.ones((batch, 1), mask_dtype)], axis=1)
         feeds = {"input_ids": token[:, None], "attention_mask": mask}
         feeds.update({n: outs[n.replace("past_", "present_", 1)] for n in past_names})
-        outs = _named(decode, run_session(decode, feeds, buffers=step_logits))
+        outs = _named(decode, run_with_iobinding(decode, feeds, buffers=step_logits))
     return np.concatenate([ids, np.stack(new_tokens, axis=1)], axis=1)

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-__all__ = ["make_session", "session_device", "run_with_iobinding", "run_session", "as_session", "node_placement",
+__all__ = ["make_session", "session_device", "run_with_iobinding", "as_session", "node_placement",
            "device_buffer"]
 
 _PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
@@ -125,12 +125,6 @@ def run_with_iobinding(session: ort.InferenceSession, feeds: Mapping[str, np.nda
     return binding.get_outputs()
 
 
-def run_session(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray | ort.OrtValue],
-                buffers: Mapping[str, ort.OrtValue] | None = None) -> list[ort.OrtValue]:
-    """Every output as an OrtValue on the session's device (CUDA or host memory): one path for both."""
-    return run_with_iobinding(session, feeds, buffers=buffers)
-
-
 def node_placement(path: str | os.PathLike, feeds: Mapping[str, np.ndarray], provider: str = "auto",
                    threads: int | None = None) -> dict[str, dict[str, int]]:
     """Which execution provider ran each op type in one profiled run: ``{op_type: {provider: nodes}}``.
@@ -140,7 +134,7 @@ def node_placement(path: str | os.PathLike, feeds: Mapping[str, np.ndarray], pro
     """
     with tempfile.TemporaryDirectory() as tmp:
         session = make_session(path, provider, threads, profile_dir=tmp)
-        run_session(session, feeds)
+        run_with_iobinding(session, feeds)
         events = json.loads(Path(session.end_profiling()).read_text())
     seen: dict[str, tuple[str, str]] = {}
     for event in events:
