@@ -25,6 +25,7 @@ from loraprune.ir.trace import trace
 from loraprune.lora.adapters import add_lora, is_peft_model, plain_base, plain_groups, plain_name, plain_plan
 from loraprune.lora.training import GradientStats, device_of
 from loraprune.passes.criteria import CRITERIA, GroupScores, annotate_scores
+from loraprune.passes.criteria.activations import bias_shifts
 from loraprune.passes.dependency import Analysis, analyze, build_groups
 from loraprune.passes.macs import count_macs
 from loraprune.passes.rewrite import apply_plan, make_plan, masked_copy
@@ -59,6 +60,8 @@ class PruneReport:
     history: list[dict[str, Any]] = field(default_factory=list)
     lora_params: int = 0
     merged: bool = True
+    biases_compensated: list[str] = field(default_factory=list)
+    teacher_bytes: int = 0
 
     @property
     def params_removed_fraction(self) -> float:
@@ -134,7 +137,7 @@ def _one_shot(model: nn.Module, example_inputs: tuple, config: PruneConfig, batc
     if analysis is None:
         analysis = _timed(timings, "trace_and_dependency", lambda: build_groups(trace(model, example_inputs)))
     if scores is None:
-        if config.criterion in ("lora", "taylor") and batches is None:
+        if config.needs_data and batches is None:
             raise ValueError(f"criterion {config.criterion!r} needs calibration batches: pass batches=[token ids "
                              "[b, seq], ...]")
         options = config.criterion_options() | ({"stats": stats} if stats is not None else {})
@@ -146,14 +149,25 @@ def _one_shot(model: nn.Module, example_inputs: tuple, config: PruneConfig, batc
     plan = make_plan(analysis.groups, kept, analysis.param_shapes, analysis.program.aliases,
                      meta={"criterion": config.criterion, "select": config.selection().to_dict(),
                            "config": config.to_dict()})
-    compact = apply_plan(model, plan)
+    shifts = bias_shifts(model, analysis.groups, kept, scores.input_means) if scores.input_means else {}
+    compact = _shift_biases(apply_plan(model, plan), shifts)
     timings["rewrite"] = time.perf_counter() - start
-    check = _timed(timings, "verify", lambda: _verify(logits(masked_copy(model, analysis.groups, kept), example_inputs),
-                                                      compact, example_inputs, config))
+    masked = _shift_biases(masked_copy(model, analysis.groups, kept), shifts)
+    check = _timed(timings, "verify", lambda: _verify(logits(masked, example_inputs), compact, example_inputs, config))
     macs = _timed(timings, "count_macs", lambda: _macs(model, compact, example_inputs, config))
     report = _report(config, analysis, analysis.groups, kept, count_params(model), count_params(compact), macs, check,
                      timings)
+    report.biases_compensated = sorted(shifts)
     return PruneResult(compact, plan, analysis.groups, report, kept, analysis)
+
+
+@torch.no_grad()
+def _shift_biases(model: nn.Module, shifts: dict[str, torch.Tensor]) -> nn.Module:
+    """Add FLAP's compensation to the named biases (of a copy: the dense model is never changed)."""
+    state = model.state_dict(keep_vars=True)
+    for name, shift in shifts.items():
+        state[name].add_(shift.to(state[name].device))
+    return model
 
 
 def _lora_prune(model: nn.Module, example_inputs: tuple, config: LoRAPruneConfig, batches: Batches) -> PruneResult:
@@ -177,7 +191,7 @@ def _lora_prune(model: nn.Module, example_inputs: tuple, config: LoRAPruneConfig
         peft_model, analysis, batches, ratio=config.ratio, config=config.selection(), steps=config.steps, lr=config.lr,
         update_every=config.update_every, warmup=config.warmup, cooldown=config.cooldown, lam=config.lam,
         progress=config.progress, seed=config.seed, batch_size=config.batch_size, weight_decay=config.weight_decay,
-        checkpointing=config.checkpointing))
+        checkpointing=config.checkpointing, distill=config.distill, temperature=config.temperature))
     start = time.perf_counter()
     plan = make_plan(analysis.groups, kept, analysis.param_shapes, analysis.program.aliases,
                      meta={"criterion": config.criterion, "select": config.selection().to_dict(),
@@ -201,6 +215,7 @@ def _lora_prune(model: nn.Module, example_inputs: tuple, config: LoRAPruneConfig
         "units_kept": int(sum(len(u) for u in h["kept"].values()))} for h in history]
     report.lora_params = count_params(compact) - params_after
     report.merged = config.merge
+    report.teacher_bytes = max((h["teacher_bytes"] for h in history), default=0)
     return PruneResult(compact, plan, groups, report, kept, analysis)
 
 

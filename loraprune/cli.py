@@ -60,12 +60,13 @@ def _text_batches(data: list[str] | None, tokenizer, windows: int, batch_size: i
 
 def _score_into_graph(args: argparse.Namespace, loaded, analysis) -> dict:
     """Run a criterion, write its scores onto the traced graph's nodes, and read them back from there."""
+    from loraprune.config import CONFIGS
     from loraprune.passes.criteria import CRITERIA, annotate_scores, scores_from_meta
 
     if args.criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {args.criterion!r}; known: {', '.join(sorted(CRITERIA))}")
     batches = None
-    if args.criterion in ("lora", "taylor"):
+    if args.criterion in CONFIGS and CONFIGS[args.criterion].needs_data:
         batches = _text_batches(args.data, loaded.tokenizer, 8, 2, f"criterion {args.criterion!r}")
     scores = CRITERIA[args.criterion](loaded.model, analysis.groups, batches=batches, seed=args.seed)
     annotate_scores(analysis.program, analysis.groups, scores, args.criterion)
@@ -119,13 +120,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from loraprune.outputs import check_target
 
     config = make_config(args.criterion, ratio=args.ratio, scope=args.scope, attention=args.attention,
-                         prune_hidden=args.prune_hidden, round_to=args.round_to, seed=args.seed, steps=args.steps)
+                         prune_hidden=args.prune_hidden, round_to=args.round_to, seed=args.seed, steps=args.steps,
+                         distill=args.distill, temperature=args.temperature)
+    if args.distill and not (isinstance(config, LoRAPruneConfig) and config.steps > 0):
+        raise ValueError("--distill is a fine-tuning loss: prune fine-tunes only with --criterion lora and --steps > 0 "
+                         "(compile recovers after every criterion)")
     out = Path(args.out)
     check_target(out, args.force, PLAN_FILE)  # before the model is read
     loaded = load_model(args.model, adapter=args.adapter, device=args.device, dtype=args.dtype,
                         trust_remote_code=args.trust_remote_code)
     batches = None
-    if config.criterion in ("lora", "taylor"):
+    if config.needs_data:
         steps = config.steps if isinstance(config, LoRAPruneConfig) else 0
         windows = steps * config.batch_size if steps else 4 * config.batch_size  # 4 calibration batches one-shot
         batches = _text_batches(args.data, loaded.tokenizer, windows, config.batch_size,
@@ -166,7 +171,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         bench_runs=args.bench_runs, threads=args.threads, seed=args.seed, force=args.force,
         trust_remote_code=args.trust_remote_code, progress=not args.quiet, keep_adapter=args.keep_adapter,
         checkpointing=args.checkpointing, device=args.device, dtype=args.dtype, target=args.target,
-        genai=args.genai)
+        genai=args.genai, distill=args.distill, temperature=args.temperature, ood_data=list(args.ood_data or []))
     r = compile_model(options)
     print(f"{r['model']}: params {r['params_before']:,} -> {r['params_after']:,} "
           f"(-{r['params_removed_fraction']:.1%}), MACs x{r['macs_after'] / r['macs_before']:.3f}, "
@@ -271,21 +276,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from loraprune.data import load_corpus
+    from loraprune.data import load_corpus, load_out_of_domain
     from loraprune.evaluate import heldout_windows, perplexity
 
     folder, report = _compiled(args.dir)
     tokenizer = _tokenizer(folder)
-    windows = heldout_windows(load_corpus(args.data), tokenizer, args.eval_window, args.eval_windows)
-    result = {"ppl": perplexity(_compact_model(folder, args), windows).ppl}
+    texts = {"": load_corpus(args.data), "_ood": load_out_of_domain(args.ood_data)}
+    model = _compact_model(folder, args)
+    session = None
     if args.onnx:
-        from loraprune.pipeline import ort_logits
         from loraprune.runtime.session import make_session
 
-        graph = _graph(_graphs(folder, report, args), "prefill")
-        session = make_session(graph, provider=_placement(args).device.type)
-        result["ppl_onnx"] = perplexity(ort_logits(session), windows).ppl
-    result |= {"windows": int(windows.shape[0]), "window": int(windows.shape[1])}
+        session = make_session(_graph(_graphs(folder, report, args), "prefill"), provider=_placement(args).device.type)
+    result = {}
+    for suffix, corpus in texts.items():
+        if corpus is None:
+            continue
+        windows = heldout_windows(corpus, tokenizer, args.eval_window, args.eval_windows)
+        result[f"ppl{suffix}"] = perplexity(model, windows).ppl
+        if session is not None:
+            from loraprune.pipeline import ort_logits
+
+            result[f"ppl{suffix}_onnx"] = perplexity(ort_logits(session), windows).ppl
+        result |= {f"windows{suffix}": int(windows.shape[0]), f"window{suffix}": int(windows.shape[1]),
+                   f"text{suffix}": corpus.source}
     print(json.dumps(result))
     return 0
 
@@ -359,24 +373,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
     p.add_argument("--criterion", default=None,
-                   help="also score every group's units with this criterion (magnitude, random, lora, taylor); "
+                   help="also score every group's units with this criterion (magnitude, random, activation, flap, "
+                        "lora, taylor); "
                         "the scores are written onto the graph and shown from there")
-    p.add_argument("--data", nargs="+", default=None, help=".txt/.jsonl calibration text for lora/taylor "
+    p.add_argument("--data", nargs="+", default=None, help=".txt/.jsonl calibration text for the data criteria "
                    "(default: Python's reference docs)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_inspect)
     p = sub.add_parser("prune", help="prune a model and save the compact model",
                        description="Prune MODEL by any criterion and save the compact HF model, its plan and "
                                    "report.json. lora runs LoRAPrune's schedule (--steps of LoRA fine-tuning while "
-                                   "the masks grow; 0 = score once); lora and taylor read --data or the default "
-                                   "text.")
+                                   "the masks grow; 0 = score once); lora, taylor, activation and flap read --data "
+                                   "or the default text.")
     _add_model_args(p)
     p.add_argument("--ratio", type=float, default=0.2, help="fraction of each group's units removed, in [0, 1)")
     p.add_argument("--criterion", choices=sorted(CONFIGS), default="magnitude", help="importance criterion")
     p.add_argument("--data", nargs="+", default=None, metavar="FILE",
-                   help=".txt/.jsonl text for lora and taylor (default: Python's reference docs)")
+                   help=".txt/.jsonl text for the data criteria (default: Python's reference docs)")
     p.add_argument("--steps", type=int, default=LoRAPruneConfig.steps,
                    help="lora: LoRA fine-tuning steps of 4x128 tokens while pruning (0 = one-shot scoring)")
+    _add_distill_args(p)
     p.add_argument("--scope", choices=["uniform", "global"], default="uniform",
                    help="same ratio per layer, or a global ranking (non-uniform widths)")
     p.add_argument("--attention", choices=["auto", "kv_groups", "query_heads"], default="auto",
@@ -415,8 +431,8 @@ def _add_compile(sub) -> None:
     g.add_argument("--ratio", type=float, default=Defaults.ratio,
                    help="fraction of each prunable group's units removed (heads, MLP channels), in [0, 1)")
     g.add_argument("--criterion", choices=sorted(CONFIGS), default=Defaults.criterion,
-                   help="lora: LoRAPrune (LoRA gradients, iterative); taylor: full weight gradients; magnitude; "
-                        "random")
+                   help="lora: LoRAPrune (LoRA gradients, iterative); taylor: full weight gradients; activation "
+                        "(Minitron) and flap (FLAP): forward passes only; magnitude; random")
     g.add_argument("--scope", choices=["uniform", "global"], default=Defaults.scope,
                    help="same ratio per layer, or one global ranking (non-uniform widths)")
     g.add_argument("--attention", choices=["auto", "kv_groups", "query_heads"], default=Defaults.attention,
@@ -442,11 +458,15 @@ def _add_compile(sub) -> None:
     g.add_argument("--checkpointing", action="store_true",
                    help="activation checkpointing in every backward pass (scoring, fine-tuning): recompute each "
                         "decoder layer instead of keeping its activations; less memory, about one more forward")
+    _add_distill_args(g)
     g.add_argument("--keep-adapter", action="store_true",
                    help="lora: keep the pruned adapter apart (OUT/adapter) instead of merging it into OUT/model")
     g = p.add_argument_group("evaluation and benchmark")
     g.add_argument("--eval-window", type=int, default=Defaults.eval_window, help="perplexity window (tokens)")
     g.add_argument("--eval-windows", type=int, default=Defaults.eval_windows, help="at most this many windows")
+    g.add_argument("--ood-data", nargs="+", default=None, metavar="FILE",
+                   help="out-of-domain evaluation text (.txt/.jsonl, all held out); default: the licence texts of "
+                        "/usr/share/common-licenses")
     g.add_argument("--gen-tokens", type=int, default=Defaults.gen_tokens, help="tokens per sample generation")
     g.add_argument("--no-bench", action="store_true", help="skip the speed benchmark")
     g.add_argument("--bench-grid", type=parse_shape, nargs="+", default=list(Defaults.bench_grid),
@@ -461,6 +481,13 @@ def _add_compile(sub) -> None:
     p.add_argument("--seed", type=int, default=Defaults.seed)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_compile)
+
+
+def _add_distill_args(p) -> None:
+    p.add_argument("--distill", type=float, default=0.0, metavar="SHARE",
+                   help="recover by distillation from the dense model: this share of the loss is KL(teacher || "
+                        "student) on the logits, the rest next-token (1 = distillation only; 0 = off)")
+    p.add_argument("--temperature", type=float, default=1.0, help="of the distillation loss")
 
 
 def _add_folder_commands(sub) -> None:
@@ -501,9 +528,13 @@ def _add_folder_commands(sub) -> None:
     p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("eval", help="held-out perplexity of a compiled folder", formatter_class=fmt,
-                       description="Perplexity of DIR's compact model on held-out text (design.md protocol).")
+                       description="Perplexity of DIR's compact model on held-out text (design.md protocol): the "
+                                   "held-out split of --data, and --ood-data, text from another source (keys "
+                                   "ending in _ood).")
     p.add_argument("dir", help="a folder written by `loraprune compile`")
     p.add_argument("--data", nargs="+", default=None, metavar="FILE", help=".txt/.jsonl (default: Python docs)")
+    p.add_argument("--ood-data", nargs="+", default=None, metavar="FILE",
+                   help="out-of-domain .txt/.jsonl, all held out (default: /usr/share/common-licenses)")
     p.add_argument("--eval-window", type=int, default=256)
     p.add_argument("--eval-windows", type=int, default=64)
     p.add_argument("--onnx", action="store_true", help="also through ONNX Runtime (DIR/onnx/prefill.onnx)")

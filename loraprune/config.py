@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 from loraprune.lora.adapters import LORA_INITS
 from loraprune.passes.select import SelectConfig
 
-__all__ = ["CONFIGS", "LoRAPruneConfig", "MagnitudeConfig", "PruneConfig", "RandomConfig", "TaylorConfig",
-           "config_from_dict", "make_config"]
+__all__ = ["CONFIGS", "ActivationConfig", "FlapConfig", "LoRAPruneConfig", "MagnitudeConfig", "PruneConfig",
+           "RandomConfig", "TaylorConfig", "check_distillation", "config_from_dict", "make_config"]
 
 
 @dataclass(kw_only=True)
@@ -26,6 +26,7 @@ class PruneConfig(SelectConfig):
     (one extra trace of the dense and of the compact model)."""
 
     criterion: ClassVar[str] = ""
+    needs_data: ClassVar[bool] = False  # scores from calibration batches (forward or backward passes)
     seed: int = 0
     count_macs: bool = True
 
@@ -62,19 +63,44 @@ class RandomConfig(PruneConfig):
 
 
 @dataclass(kw_only=True)
-class TaylorConfig(PruneConfig):
-    """First-order Taylor |W ⊙ dL/dW| from full weight gradients on calibration batches (LLM-Pruner's)."""
+class _CalibratedConfig(PruneConfig):
+    """A criterion that reads calibration batches, `batch_size` rows at a time."""
 
-    criterion: ClassVar[str] = "taylor"
+    needs_data: ClassVar[bool] = True
     batch_size: int = 4
-    checkpointing: bool = False  # recompute each decoder layer in the backward pass: less memory
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_positive(self, "batch_size")
 
     def criterion_options(self) -> dict[str, Any]:
-        return {"seed": self.seed, "batch_size": self.batch_size, "checkpointing": self.checkpointing}
+        return {"seed": self.seed, "batch_size": self.batch_size}
+
+
+@dataclass(kw_only=True)
+class TaylorConfig(_CalibratedConfig):
+    """First-order Taylor |W ⊙ dL/dW| from full weight gradients on calibration batches (LLM-Pruner's)."""
+
+    criterion: ClassVar[str] = "taylor"
+    checkpointing: bool = False  # recompute each decoder layer in the backward pass: less memory
+
+    def criterion_options(self) -> dict[str, Any]:
+        return super().criterion_options() | {"checkpointing": self.checkpointing}
+
+
+@dataclass(kw_only=True)
+class ActivationConfig(_CalibratedConfig):
+    """Minitron's activation criterion: channel activation sizes from forward passes only (no gradients)."""
+
+    criterion: ClassVar[str] = "activation"
+
+
+@dataclass(kw_only=True)
+class FlapConfig(_CalibratedConfig):
+    """FLAP: each channel's activation variance times its weights' squared norm, from forward passes only; a
+    removed input channel's mean contribution moves into its layer's bias where the layer has one."""
+
+    criterion: ClassVar[str] = "flap"
 
 
 @dataclass(kw_only=True)
@@ -87,9 +113,11 @@ class LoRAPruneConfig(PruneConfig):
     `init` is how the factors start (`LORA_INITS`: "pissa" puts the weights' top-r singular part in them).
     The defaults are the knobs measured best on SmolLM2-135M (docs/experiments.md): PiSSA factors, lr 3e-4,
     half the steps as a cool-down after the last cut, masks updated 40 times (`update_every` None).
+    `distill` > 0 recovers by distillation from the dense model rebuilt in memory (`passes.schedule.DenseTeacher`).
     """
 
     criterion: ClassVar[str] = "lora"
+    needs_data: ClassVar[bool] = True
     steps: int = 200
     lr: float = 3e-4
     r: int = 8
@@ -106,6 +134,8 @@ class LoRAPruneConfig(PruneConfig):
     merge: bool = True
     checkpointing: bool = False
     progress: bool = True
+    distill: float = 0.0  # share of KL(dense teacher || student) in the loss; 0: the next-token loss alone
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -124,6 +154,7 @@ class LoRAPruneConfig(PruneConfig):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        check_distillation(self.distill, self.temperature)
         if self.target is not None and not isinstance(self.target, str):
             self.target = tuple(self.target)
 
@@ -134,7 +165,14 @@ class LoRAPruneConfig(PruneConfig):
 
 
 CONFIGS: dict[str, type[PruneConfig]] = {c.criterion: c for c in (MagnitudeConfig, RandomConfig, TaylorConfig,
-                                                                   LoRAPruneConfig)}
+                                                                   ActivationConfig, FlapConfig, LoRAPruneConfig)}
+
+
+def check_distillation(distill: float, temperature: float) -> None:
+    if not 0.0 <= distill <= 1.0:
+        raise ValueError(f"distill must be in [0, 1] (the share of the distillation loss), got {distill!r}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
 
 
 def make_config(criterion: str, **options: Any) -> PruneConfig:

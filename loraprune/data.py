@@ -18,6 +18,7 @@ from typing import Protocol
 import torch
 
 HELD_OUT_EVERY = 5  # every 5th document is held out for evaluation, never seen by calibration or fine-tuning
+LICENSES = Path("/usr/share/common-licenses")  # the default out-of-domain text: legal English, on every Debian
 
 
 class DataError(ValueError):
@@ -65,6 +66,32 @@ def load_corpus(paths: Sequence[str | os.PathLike[str]] | None = None) -> Corpus
     if not held_out:  # fewer than HELD_OUT_EVERY documents: the last one is the evaluation text
         train, held_out = documents[:-1], documents[-1:]
     return Corpus(train=train, held_out=held_out, source=source)
+
+
+def load_out_of_domain(paths: Sequence[str | os.PathLike[str]] | None = None) -> Corpus | None:
+    """A second evaluation text from another source than the fine-tuning corpus, all of it held out.
+
+    Default: the licence texts of `/usr/share/common-licenses` (symlinks and identical texts dropped), None where
+    that folder does not exist; or the user's `.txt` / `.jsonl` files. Judging quality only on text from the
+    corpus the recovery trained on measures adaptation to that text as well; this one it never saw.
+    """
+    if paths:
+        documents = [doc for path in paths for doc in _read_documents(Path(path))]
+        return Corpus(train=[], held_out=documents, source=", ".join(str(Path(p)) for p in paths))
+    if not LICENSES.is_dir():
+        return None
+    seen: set[str] = set()
+    documents = []
+    for path in sorted(LICENSES.iterdir()):
+        if path.is_symlink() or not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace").strip()
+        if text and text not in seen:
+            seen.add(text)
+            documents.append(text)
+    if not documents:
+        return None
+    return Corpus(train=[], held_out=documents, source=f"{LICENSES} ({len(documents)} licence texts)")
 
 
 def token_windows(texts: Sequence[str], tokenizer: TextTokenizer, window: int,

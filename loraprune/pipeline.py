@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from loraprune.config import CONFIGS, PruneConfig, make_config
+from loraprune.config import CONFIGS, PruneConfig, check_distillation, make_config
 from loraprune.device import Placement, resolve
 from loraprune.lora.adapters import LORA_INITS, is_peft_model
 
@@ -57,6 +57,7 @@ class CompileOptions:
     out: str = "compiled"
     adapter: str | None = None
     data: list[str] = field(default_factory=list)  # .txt / .jsonl; empty = pydoc_data.topics
+    ood_data: list[str] = field(default_factory=list)  # out-of-domain eval text; empty = the licence texts
     ratio: float = 0.2
     criterion: str = "lora"
     scope: str = "uniform"
@@ -73,6 +74,8 @@ class CompileOptions:
     lora_alpha: int = 16
     lora_init: str = "pissa"  # how the LoRA factors start (lora.adapters.LORA_INITS), every criterion
     checkpointing: bool = False  # recompute each decoder layer in backward passes: less memory, ~1 more forward
+    distill: float = 0.0  # share of KL(dense teacher || student) in the fine-tuning loss; 0 = next-token only
+    temperature: float = 1.0  # of the distillation loss
     eval_window: int = 256
     eval_windows: int = 64
     gen_tokens: int = 24
@@ -113,6 +116,9 @@ class CompileOptions:
                 raise ValueError(f"{name} must be >= 2 tokens, got {getattr(self, name)}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        check_distillation(self.distill, self.temperature)
+        if self.distill and self.steps == 0:
+            raise ValueError("distill is a fine-tuning loss: it needs steps > 0")
         self.prune_config()  # validates scope, attention, round_to and the method's own options
         resolve(self.device, self.dtype)  # a GPU that is not there fails before anything is read
         if self.target not in ("cpu", "cuda"):
@@ -124,7 +130,8 @@ class CompileOptions:
                            prune_hidden=self.prune_hidden, round_to=self.round_to, seed=self.seed, steps=self.steps,
                            cooldown=self.cooldown, lr=self.lr, r=self.lora_r,
                            alpha=self.lora_alpha, init=self.lora_init, batch_size=self.batch_size,
-                           checkpointing=self.checkpointing, merge=not self.keep_adapter, progress=self.progress)
+                           checkpointing=self.checkpointing, merge=not self.keep_adapter, progress=self.progress,
+                           distill=self.distill, temperature=self.temperature)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -163,7 +170,7 @@ def compile_model(options: CompileOptions, loaded=None) -> dict:
 
     `loaded` (a `LoadedModel`) bypasses loading from `options.model`: for callers that already hold a model.
     """
-    from loraprune.data import load_corpus
+    from loraprune.data import load_corpus, load_out_of_domain
     from loraprune.models.load import load_model
     from loraprune.outputs import check_target, staged_folder
 
@@ -182,10 +189,11 @@ def compile_model(options: CompileOptions, loaded=None) -> dict:
     try:
         with stages("load"):
             corpus = load_corpus(options.data or None)  # bad files fail before the model is read
+            ood = load_out_of_domain(options.ood_data or None)
             if loaded is None:
                 loaded = load_model(options.model, adapter=options.adapter, device=options.device, dtype=options.dtype,
                                     trust_remote_code=options.trust_remote_code)
-            data = _load_data(options, corpus, loaded.tokenizer)
+            data = _load_data(options, corpus, ood, loaded.tokenizer)
         with staged_folder(out, options.force, COMPILE_MARKER) as tmp:
             report = _run(options, loaded, data, stages, tmp)
     finally:
@@ -200,10 +208,12 @@ class _Data:
     train: list[torch.Tensor]  # batches [batch_size, window]
     calib: list[torch.Tensor]
     held_out: torch.Tensor  # [n, eval_window]
+    ood_source: str | None  # the out-of-domain text, and its windows (None where there is none)
+    ood: torch.Tensor | None
     example: torch.Tensor  # [1, 16]: what the graph is traced with
 
 
-def _load_data(options: CompileOptions, corpus, tokenizer) -> _Data:
+def _load_data(options: CompileOptions, corpus, ood, tokenizer) -> _Data:
     from loraprune.data import DataError, token_windows
     from loraprune.evaluate import heldout_windows
 
@@ -218,8 +228,15 @@ def _load_data(options: CompileOptions, corpus, tokenizer) -> _Data:
         held_out = heldout_windows(corpus, tokenizer, options.eval_window, options.eval_windows)
     except DataError as err:
         raise DataError(f"held-out text of {corpus.source}: {err} (lower --eval-window)") from None
+    ood_windows = None
+    if ood is not None:
+        try:
+            ood_windows = heldout_windows(ood, tokenizer, options.eval_window, options.eval_windows)
+        except DataError as err:
+            raise DataError(f"out-of-domain text {ood.source}: {err} (lower --eval-window)") from None
     batches = list(train.split(options.batch_size))
-    return _Data(corpus.source, batches, batches[: options.calib_batches], held_out, train[:1, :16])
+    return _Data(corpus.source, batches, batches[: options.calib_batches], held_out,
+                 None if ood is None else ood.source, ood_windows, train[:1, :16])
 
 
 def _run(options: CompileOptions, loaded, data: _Data, stages: _Stages, tmp: Path) -> dict:
@@ -267,24 +284,30 @@ def _prune(options: CompileOptions, model: nn.Module, dense: nn.Module, analysis
     """(PruneResult, fine-tuning record). LoRAPrune's iterative schedule for "lora" with steps > 0; else the
     one-shot criterion, then LoRA recovery with the same budget."""
     from loraprune.api import prune
+    from loraprune.lora.distill import Distillation, ModelTeacher
     from loraprune.lora.training import lora_recover
 
     if _iterative(options):
         # an input adapter is kept unmerged here: its factors seed the LoRA that scores and recovers
         result = prune(model, (data.example,), config, batches=data.train)
-        finetune = {"kind": "lora_prune", "steps": options.steps,
+        finetune = {"kind": "lora_prune", "steps": options.steps, "distill": options.distill,
+                    "teacher_bytes": result.report.teacher_bytes,
                     "points": [{"step": h["step"], "loss": h["loss"], "ratio": h["ratio"]}
                                for h in result.report.history]}
         return result, finetune
     result = prune(dense, (data.example,), config, batches=data.calib, analysis=analysis)
     finetune = {"kind": "none", "steps": 0, "points": []}
     if options.steps > 0:
+        teacher = ModelTeacher(dense) if options.distill > 0 else None
+        distillation = None if teacher is None else Distillation(teacher, options.distill, options.temperature)
         recovered, losses = lora_recover(result.model, data.train, steps=options.steps, lr=options.lr,
                                          r=options.lora_r, alpha=options.lora_alpha, init=options.lora_init,
                                          seed=options.seed, batch_size=options.batch_size, progress=options.progress,
-                                         checkpointing=options.checkpointing)
+                                         checkpointing=options.checkpointing, distillation=distillation)
         result.model = recovered
-        finetune = {"kind": "lora_recover", "steps": options.steps,
+        result.report.teacher_bytes = 0 if teacher is None else teacher.bytes
+        finetune = {"kind": "lora_recover", "steps": options.steps, "distill": options.distill,
+                    "teacher_bytes": result.report.teacher_bytes,
                     "points": [{"step": i + 1, "loss": v, "ratio": options.ratio} for i, v in enumerate(losses)]}
     return result, finetune
 
@@ -358,7 +381,13 @@ def _evaluate(options: CompileOptions, dense: nn.Module, compact: nn.Module, onn
                                 "compact_onnx": onnx_text, "onnx_matches_torch": onnx_text == c["completion"]})
     protocol = {"window": before.window_len, "windows": before.windows, "tokens": before.tokens,
                 "text": f"held-out split of {data.source}"}
-    return {"ppl_before": before.ppl, "ppl_after": after.ppl, "ppl_after_onnx": after_onnx.ppl,
+    ood: dict = {"ppl_before_ood": None, "ppl_after_ood": None, "eval_ood": None}
+    if data.ood is not None:
+        ood_before = perplexity(dense, data.ood, progress=progress)
+        ood = {"ppl_before_ood": ood_before.ppl, "ppl_after_ood": perplexity(compact, data.ood, progress=progress).ppl,
+               "eval_ood": {"window": ood_before.window_len, "windows": ood_before.windows,
+                            "tokens": ood_before.tokens, "text": f"out-of-domain: {data.ood_source}"}}
+    return {"ppl_before": before.ppl, "ppl_after": after.ppl, "ppl_after_onnx": after_onnx.ppl, **ood,
             "eval": protocol, "onnx_parity": parity, "generations": generations,
             "onnx_attention": {name: attention_summary(path) for name, path in onnx_paths.items()}}
 
@@ -428,8 +457,10 @@ def _lora_line(o: dict, criterion: str) -> str:
     if o["steps"] == 0:
         return "No LoRA fine-tuning (one-shot pruning)."
     how = f"LoRAPrune schedule, cool-down {o['cooldown']:g}" if criterion == "lora" else "recovery after one-shot"
+    loss = "next-token loss" if not o.get("distill") else (
+        f"distillation from the dense model (KL share {o['distill']:g}, temperature {o['temperature']:g})")
     return (f"LoRA fine-tuning: {o['steps']} steps of {o['batch_size']}x{o['window']} tokens, r={o['lora_r']}, "
-            f"{o['lora_init']} init; {how}.")
+            f"{o['lora_init']} init; {how}; {loss}.")
 
 
 def render_markdown(report: dict) -> str:
@@ -444,9 +475,14 @@ def render_markdown(report: dict) -> str:
              f"| MACs (input {report['macs_input'][0]}x{report['macs_input'][1]}) | {report['macs_before']:,} | "
              f"{report['macs_after']:,} | {report['macs_after'] / report['macs_before']:.3f}x |",
              f"| held-out perplexity (torch) | {_fmt(report['ppl_before'])} | {_fmt(report['ppl_after'])} | |",
-             f"| held-out perplexity (ONNX Runtime) | | {_fmt(report['ppl_after_onnx'])} | |", ""]
-    ev = report["eval"]
-    lines += [f"Perplexity protocol: {ev['windows']} windows of {ev['window']} tokens, {ev['text']}.", ""]
+             f"| held-out perplexity (ONNX Runtime) | | {_fmt(report['ppl_after_onnx'])} | |"]
+    ev, ev_ood = report["eval"], report.get("eval_ood")
+    if ev_ood:
+        lines.append(f"| out-of-domain perplexity (torch) | {_fmt(report['ppl_before_ood'])} | "
+                     f"{_fmt(report['ppl_after_ood'])} | |")
+    lines += ["", f"Perplexity protocol: {ev['windows']} windows of {ev['window']} tokens, {ev['text']}" + (
+        f"; out-of-domain: {ev_ood['windows']} windows of {ev_ood['window']} tokens, {ev_ood['text']}."
+        if ev_ood else "."), ""]
     v, p = report["verify"], report["onnx_parity"]
     where = report["placement"]
     lines += [f"- ran on {where['device']} in {where['dtype']}",

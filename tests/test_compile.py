@@ -53,7 +53,9 @@ def test_compile_writes_a_consistent_report_and_loadable_outputs(compiled, tiny_
         assert key in report, key
     assert report["criterion"] == "lora" and report["ratio"] == 0.5
     assert report["params_after"] < report["params_before"] and report["macs_after"] < report["macs_before"]
-    assert all(math.isfinite(report[k]) for k in ("ppl_before", "ppl_after", "ppl_after_onnx"))
+    assert all(math.isfinite(report[k]) for k in ("ppl_before", "ppl_after", "ppl_after_onnx", "ppl_before_ood",
+                                                  "ppl_after_ood"))
+    assert report["eval_ood"]["windows"] == 4 and "common-licenses" in report["eval_ood"]["text"]
     assert report["verify"]["ok"] and report["onnx_parity"]["ok"]
     assert report["ppl_after_onnx"] == pytest.approx(report["ppl_after"], rel=1e-3)
     for graph in ("prefill", "decode"):  # every pruned layer still runs fused, with its own head counts
@@ -67,7 +69,7 @@ def test_compile_writes_a_consistent_report_and_loadable_outputs(compiled, tiny_
                  "bench/bench.json", "bench/speedup.png", "model/model.safetensors"):
         assert (compiled / name).is_file(), name
     page = (compiled / "report.md").read_text()
-    assert "held-out perplexity" in page
+    assert "held-out perplexity" in page and "out-of-domain perplexity" in page
     assert "LoRA fine-tuning: 4 steps" in page and "pissa init; LoRAPrune schedule, cool-down 0.5" in page
     model = load_pretrained(compiled / "model")
     assert sum(p.numel() for p in model.parameters()) == report["params_after"]
@@ -80,6 +82,8 @@ def test_commands_on_a_compiled_folder(compiled, capsys):
     report = json.loads((compiled / "report.json").read_text())
     assert result["ppl"] == pytest.approx(report["ppl_after"], rel=1e-5)  # the saved model is the evaluated one
     assert result["ppl_onnx"] == pytest.approx(report["ppl_after"], rel=1e-3)
+    assert result["ppl_ood"] == pytest.approx(report["ppl_after_ood"], rel=1e-5)  # and the out-of-domain text
+    assert result["ppl_ood_onnx"] == pytest.approx(report["ppl_after_ood"], rel=1e-3)
     outputs = {}
     for backend in ("ort", "torch"):
         assert main(["generate", str(compiled), "The import", "--max-new-tokens", "5", "--backend", backend]) == 0
@@ -133,14 +137,21 @@ def test_same_seed_gives_identical_plan_and_figures(tiny_folder, tmp_path):
     assert runs[0][1] == runs[1][1]
 
 
-@pytest.mark.parametrize("criterion", ["taylor", "magnitude"])
-def test_one_shot_criteria_with_recovery(tiny_folder, tmp_path, criterion):
+@pytest.mark.parametrize("criterion,extra", [("taylor", ["--checkpointing"]), ("magnitude", []),
+                                            ("flap", ["--distill", "0.5", "--temperature", "2"])])
+def test_one_shot_criteria_with_recovery(tiny_folder, tmp_path, criterion, extra):
     out = tmp_path / criterion
     assert main(["compile", str(tiny_folder), "--criterion", criterion, "--out", str(out), "--no-bench",
-                 "--checkpointing", *FAST]) == 0
+                 *extra, *FAST]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["finetune"]["kind"] == "lora_recover" and len(report["finetune"]["points"]) == 4
     assert report["params_after"] < report["params_before"] and report["verify"]["ok"]
+    distilled = "--distill" in extra
+    assert report["finetune"]["distill"] == (0.5 if distilled else 0.0)
+    dense_bytes = report["params_before"] * 4  # fp32
+    assert report["finetune"]["teacher_bytes"] == (dense_bytes if distilled else 0)  # the dense model, counted
+    assert ("distillation from the dense model (KL share 0.5, temperature 2)" in (out / "report.md").read_text()) \
+        == distilled
 
 
 def test_unknown_op_is_frozen_and_reported_and_the_run_goes_on(tiny_folder, tmp_path, monkeypatch):
@@ -183,6 +194,8 @@ BAD = {
                       "unsupported file type"),
     "a GPU that is not there": (lambda d: ["TINY", "--device", "cuda:99"], "device 'cuda:99' was asked for"),
     "unknown device": (lambda d: ["TINY", "--device", "tpu"], "unknown device 'tpu'"),
+    "distill share 2": (lambda d: ["TINY", "--distill", "2"], "distill must be in [0, 1]"),
+    "missing out-of-domain text": (lambda d: ["TINY", "--ood-data", str(d / "nope.txt")], "nope.txt: no such file"),
 }
 
 
@@ -291,7 +304,9 @@ def test_compile_smollm2_short_setting(tmp_path):
                  "--window", "64", "--eval-windows", "2", "--gen-tokens", "4", "--no-bench", "--quiet"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["params_after"] < report["params_before"] and report["macs_after"] < report["macs_before"]
-    assert all(math.isfinite(report[k]) for k in ("ppl_before", "ppl_after", "ppl_after_onnx"))
+    assert all(math.isfinite(report[k]) for k in ("ppl_before", "ppl_after", "ppl_after_onnx", "ppl_before_ood",
+                                                  "ppl_after_ood"))
+    assert report["eval_ood"]["windows"] == 4 and "common-licenses" in report["eval_ood"]["text"]
     assert report["verify"]["ok"] and report["onnx_parity"]["ok"]
     assert report["groups"] == {"attention": 30, "mlp": 30, "hidden": 1}
     assert report["ppl_before"] < 40  # the dense model is the real, working SmolLM2

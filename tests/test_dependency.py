@@ -152,11 +152,13 @@ class FixedPartitions(nn.Module):
 
 def test_heads_inside_fixed_partitions_stay_whole():
     """A view into partitions that each hold several heads could only shrink them all alike: the split-view
-    check freezes those heads rather than let one partition lose a head."""
+    check freezes those heads rather than let one partition lose a head, and reports the view."""
     model = nn.Sequential(FixedPartitions()).eval()
     a = analyze(model, torch.randn(2, 5, 16))
     assert not kinds(a, "attention")
     assert not [p for g in a.groups for p, _ in g.members if "qkv" in p]
+    ((frozen),) = a.frozen
+    assert frozen.op == "aten::view" and "2 rows of 24" in frozen.reason and "0.qkv.weight" in frozen.params
 
 
 def test_falcon_qkv_laid_out_per_kv_group_is_pruned_by_heads_and_by_groups():
@@ -554,3 +556,53 @@ class Residual(nn.Module):
         if isinstance(self.block, nn.MultiheadAttention):
             return x + self.block(x, x, x, need_weights=False)[0]
         return x + self.block(x)
+
+
+def _codegen(heads: int):
+    from transformers import CodeGenConfig, CodeGenForCausalLM
+
+    torch.manual_seed(0)
+    config = CodeGenConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=heads, rotary_dim=4, n_positions=256,
+                           bos_token_id=0, eos_token_id=0)
+    return CodeGenForCausalLM(config).eval()
+
+
+def test_heads_in_fixed_partitions_go_in_whole_partitions_or_stay_whole_and_reported():
+    """CodeGen views its fused qkv_proj as 4 model-parallel partitions of [q | v | k]. With one head per partition
+    a head is a partition: heads go, and the partition count follows them. With two heads per partition a head
+    would need partitions of different widths: the heads stay whole, the view is reported, the MLP is pruned."""
+    one = prune(_codegen(4), token_ids(), MagnitudeConfig(ratio=0.5))
+    attn = one.model.transformer.h[0].attn
+    assert one.report.verify["ok"] and one.report.frozen == []
+    assert (attn.qkv_proj.out_features, attn.mp_num) == (96, 2)
+    two = prune(_codegen(8), token_ids(), MagnitudeConfig(ratio=0.5))
+    assert two.report.verify["ok"] and [g.kind for g in two.groups if g.kind != "hidden"] == ["mlp", "mlp"]
+    assert [(f["op"], "fixed partitions" in f["reason"]) for f in two.report.frozen] == [("aten::view", True)] * 2
+    assert "transformer.h.0.attn.qkv_proj.weight" in two.report.frozen[0]["params"]
+    assert two.model.transformer.h[0].mlp.fc_in.out_features == 128
+
+
+class NormedMLP(nn.Module):
+    """A norm over all MLP channels (BitNet's ffn_sub_norm): only the hidden stream could still be pruned."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.up, self.norm, self.down = nn.Linear(6, 16), nn.Linear(16, 32), nn.LayerNorm(32), \
+            nn.Linear(32, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        return self.head(h + self.down(self.norm(torch.relu(self.up(h)))))
+
+
+def test_nothing_to_prune_says_what_prune_hidden_would_add_and_what_holds_the_rest():
+    a = analyze(NormedMLP(), torch.randn(2, 6))
+    line = a.nothing_to_prune("NormedMLP")
+    assert line.startswith("nothing to prune in NormedMLP") and "outside the hidden stream" in line
+    assert "--prune-hidden would make prunable: hidden (16 channels" in line and "up.weight" in line
+    assert a.nothing_to_prune("NormedMLP", prune_hidden=True) is None
+    a = analyze(GatherByInput(), (torch.randn(2, 8), torch.arange(16)))
+    line = a.nothing_to_prune("GatherByInput")
+    assert "--prune-hidden would not help" in line and "aten::index.Tensor x1" in line
+    assert analyze(Tiled(), torch.randn(2, 8)).nothing_to_prune("Tiled") is None

@@ -44,10 +44,14 @@ def write_table(rows: list[dict], args: argparse.Namespace, out: Path) -> str:
     fp32, bf16 = rows
     lines = [f"# bf16 vs fp32 compile of SmolLM2-135M on the CPU (ratio {args.ratio}, {args.steps} LoRAPrune steps, "
              f"{args.threads} threads, seed {args.seed})", "",
-             "| dtype | wall s | peak RSS MiB | held-out ppl dense | ppl compact (torch) | ppl compact (ORT) |",
-             "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['dtype']} | {r['seconds']:.0f} | {r['peak_rss_mib']:.0f} | {r['ppl_before']:.2f} | "
-              f"{r['ppl_after']:.2f} | {r['ppl_after_onnx']:.2f} |" for r in rows]
+             "| dtype | wall s | load / prune / export / evaluate s | peak RSS MiB | held-out ppl dense | "
+             "ppl compact (torch) | ppl compact (ORT) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['dtype']} | {r['seconds']:.0f} | "
+              + " / ".join(f"{r['timings'].get(k, 0):.0f}" for k in ("load", "prune", "export", "evaluate"))
+              + f" | {r['peak_rss_mib']:.0f} | {r['ppl_before']:.2f} | {r['ppl_after']:.2f} | "
+              f"{r['ppl_after_onnx']:.2f} |"
+              for r in rows]
     lines += ["", f"bf16 / fp32: time {bf16['seconds'] / fp32['seconds']:.2f}x, peak RSS "
               f"{bf16['peak_rss_mib'] / fp32['peak_rss_mib']:.2f}x, compact perplexity "
               f"{bf16['ppl_after'] / fp32['ppl_after']:.3f}x. Peak RSS is each compile process's own high-water "
@@ -65,10 +69,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", choices=DTYPES, default=None,
+                        help="run this dtype again and keep the other's row from OUT/bench_dtype.json")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [compile_once(dtype, args, out) for dtype in DTYPES]
+    earlier = {}
+    if args.only:
+        earlier = {r["dtype"]: r for r in json.loads((out / "bench_dtype.json").read_text())["rows"]}
+    rows = [compile_once(dtype, args, out) if args.only in (None, dtype) else earlier[dtype] for dtype in DTYPES]
     print(write_table(rows, args, out))
 
 

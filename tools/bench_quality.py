@@ -1,6 +1,7 @@
-"""Benchmark: held-out perplexity of SmolLM2-135M pruned by lora / taylor / magnitude / random, each one-shot
-and with the same LoRA fine-tuning budget; scoring memory and time of lora vs taylor; Torch-Pruning's Taylor
-pruning as an outside reference.
+"""Benchmark: held-out perplexity of SmolLM2-135M pruned by lora / taylor / activation / flap / magnitude / random,
+each one-shot and with the same LoRA fine-tuning budget, recovered by the next-token loss or by distillation from
+the dense model; in-domain and out-of-domain perplexity; scoring memory and time of each data criterion;
+Torch-Pruning's Taylor pruning as an outside reference.
 
     .venv/bin/python tools/bench_quality.py --ratios 0.2 0.5 --out runs/bench_quality [--parts quality scoring tp]
 
@@ -10,7 +11,12 @@ linear layers), `--batch` windows of `--window` tokens of the training split per
 (LoRA factors, dropout, criterion randomness; the data order is fixed).
 "lora + recovery" is LoRAPrune's schedule (masks grow on the cubic schedule during those steps); the other
 criteria prune one-shot and then fine-tune the compact model with `lora_recover` for the same steps. One-shot
-gradient criteria (lora, taylor) score on the first `--calib` training batches. Scoring memory and time: each
+data criteria (lora, taylor, activation, flap) score on the first `--calib` training batches. Recovery
+"next-token" is the causal-LM loss on the training split; "distill" is KL(dense teacher || student) on the logits
+(`--distill-weight` of the loss, the rest next-token; `--temperature`): in the schedule the teacher is the dense
+model rebuilt in memory (`DenseTeacher`), after a one-shot criterion the dense model itself; the teacher's memory
+is in the table. Out-of-domain perplexity: the same protocol on `--ood-data` (default: the licence texts of
+/usr/share/common-licenses), text the fine-tuning never saw from another source. Scoring memory and time: each
 criterion alone in a fresh process (`--scoring-runs` alternating rounds), peak RSS above the RSS before
 scoring (VmHWM reset before it, after a one-batch warm-up call), wall time, the peak of live tensors the
 scoring adds (a further, profiled call: torch's allocations, free of what glibc keeps resident; the CPU analogue
@@ -32,10 +38,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-CRITERIA = ("lora", "taylor", "magnitude", "random")
+CRITERIA = ("lora", "taylor", "activation", "flap", "magnitude", "random")
+RECOVERIES = ("next-token", "distill")
 PARTS = ("quality", "scoring", "tp")
 CHECKPOINTED = "checkpointed"  # scoring variant: every decoder layer recomputed in the backward pass
-SCORING = ("lora", "taylor", f"lora+{CHECKPOINTED}", f"taylor+{CHECKPOINTED}")
+SCORING = ("lora", "taylor", f"lora+{CHECKPOINTED}", f"taylor+{CHECKPOINTED}", "activation", "flap")
 
 
 def _setup(args):
@@ -125,44 +132,71 @@ def _worker(flag: str, value: str, args, limit: float) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _ood_windows(args, tokenizer):
+    from loraprune.data import load_out_of_domain
+    from loraprune.evaluate import heldout_windows
+
+    ood = load_out_of_domain(args.ood_data)
+    if ood is None:
+        raise SystemExit("no out-of-domain text: pass --ood-data FILE (the default, /usr/share/common-licenses, is "
+                         "not on this machine)")
+    return ood.source, heldout_windows(ood, tokenizer, window=256, max_windows=args.eval_windows)
+
+
 def quality(args, out: Path) -> dict:
     from tqdm.auto import tqdm
 
     from loraprune.api import count_params, prune
     from loraprune.config import LoRAPruneConfig, make_config
     from loraprune.evaluate import perplexity
+    from loraprune.lora.distill import Distillation, ModelTeacher
     from loraprune.lora.training import lora_recover
     from loraprune.passes.dependency import analyze
 
     loaded, corpus, batches, evals, example = _setup(args)
+    ood_source, ood = _ood_windows(args, loaded.tokenizer)
     dense = loaded.model
     analysis = analyze(dense, (example,))
     lora_kwargs = {"steps": args.steps, "lr": args.lr, "seed": args.seed, "batch_size": args.batch, "progress": True,
                    "init": args.lora_init}
     dense_ppl = perplexity(dense, evals)
-    rows = []
-    cells = [(r, c) for r in args.ratios for c in args.criteria]
-    for ratio, criterion in tqdm(cells, desc="quality"):
-        config = make_config(criterion, ratio=ratio, seed=args.seed, init=args.lora_init, steps=0)
-        one_shot = prune(dense, example, config, analysis=analysis, batches=batches[: args.calib])
-        ppl_one_shot = perplexity(one_shot.model, evals).ppl
+    dense_ood = perplexity(dense, ood)
+    partial = out / "quality_partial.json"
+    rows = json.loads(partial.read_text()) if args.resume and partial.exists() else []
+    done = {(r["ratio"], r["criterion"], r["recovery"]) for r in rows}
+    cells = [(r, c, k) for r in args.ratios for c in args.criteria for k in args.recoveries if (r, c, k) not in done]
+    one_shots: dict[tuple[float, str], tuple] = {}  # both recoveries start from the same one-shot model
+    for ratio, criterion, recovery in tqdm(cells, desc="quality"):
+        if (ratio, criterion) not in one_shots:
+            config = make_config(criterion, ratio=ratio, seed=args.seed, init=args.lora_init, steps=0)
+            pruned = prune(dense, example, config, analysis=analysis, batches=batches[: args.calib])
+            one_shots = {(ratio, criterion): (pruned, perplexity(pruned.model, evals).ppl)}
+        one_shot, ppl_one_shot = one_shots[(ratio, criterion)]
+        distill = args.distill_weight if recovery == "distill" else 0.0
         start = time.perf_counter()
         if criterion == "lora":
             config = LoRAPruneConfig(ratio=ratio, update_every=args.update_every, cooldown=args.cooldown, lam=args.lam,
-                                     count_macs=False, **lora_kwargs)
+                                     count_macs=False, distill=distill, temperature=args.temperature, **lora_kwargs)
             result = prune(dense, example, config, batches=batches)
             recovered, params_recovered = result.model, result.report.params_after
+            teacher_bytes = result.report.teacher_bytes
         else:
-            recovered, _ = lora_recover(one_shot.model, batches, **lora_kwargs)
+            teacher = ModelTeacher(dense) if distill else None
+            recovered, _ = lora_recover(one_shot.model, batches, **lora_kwargs, distillation=None if teacher is None
+                                        else Distillation(teacher, weight=distill, temperature=args.temperature))
             params_recovered = count_params(recovered)
+            teacher_bytes = 0 if teacher is None else teacher.bytes
         seconds = time.perf_counter() - start
-        row = {"ratio": ratio, "criterion": criterion, "params_one_shot": one_shot.report.params_after,
-               "params_recovered": params_recovered, "ppl_one_shot": ppl_one_shot,
-               "ppl_recovered": perplexity(recovered, evals).ppl, "finetune_seconds": seconds}
+        row = {"ratio": ratio, "criterion": criterion, "recovery": recovery,
+               "params_one_shot": one_shot.report.params_after, "params_recovered": params_recovered,
+               "ppl_one_shot": ppl_one_shot, "ppl_recovered": perplexity(recovered, evals).ppl,
+               "ppl_ood_recovered": perplexity(recovered, ood).ppl, "teacher_bytes": teacher_bytes,
+               "finetune_seconds": seconds}
         rows.append(row)
         tqdm.write(json.dumps(row))
-        (out / "quality_partial.json").write_text(json.dumps(rows, indent=1))
-    return {"dense_ppl": dense_ppl.ppl, "eval_windows": dense_ppl.windows, "eval_window_len": dense_ppl.window_len,
+        partial.write_text(json.dumps(rows, indent=1))
+    return {"dense_ppl": dense_ppl.ppl, "dense_ppl_ood": dense_ood.ppl, "eval_windows": dense_ppl.windows,
+            "eval_window_len": dense_ppl.window_len, "ood_windows": dense_ood.windows, "ood_text": ood_source,
             "params_dense": count_params(dense), "corpus": corpus.source, "rows": rows}
 
 
@@ -202,13 +236,19 @@ def _markdown(results: dict, args) -> str:
                   f"{q['corpus']}); dense: **{q['dense_ppl']:.2f}** ({q['params_dense'] / 1e6:.1f}M params). "
                   f"Fine-tuning budget: {args.steps} steps x {args.batch}x{args.window} tokens, LoRA r=8 "
                   f"({args.lora_init} init), lr {args.lr}, seed {args.seed}; lora schedule cool-down "
-                  f"{args.cooldown:g}, score average lam {args.lam:g}; one-shot gradient criteria use {args.calib} "
-                  "batches.", "",
-                  "| ratio | criterion | params | ppl one-shot | ppl with LoRA recovery | fine-tune s |",
-                  "|---:|---|---:|---:|---:|---:|"]
+                  f"{args.cooldown:g}, score average lam {args.lam:g}; one-shot data criteria use {args.calib} "
+                  f"batches; distillation: KL share {args.distill_weight:g}, temperature {args.temperature:g}. "
+                  f"Out-of-domain: {q['ood_windows']} windows x 256 tokens of {q['ood_text']}; dense: "
+                  f"**{q['dense_ppl_ood']:.2f}**.", "",
+                  "| ratio | criterion | recovery | params | ppl one-shot | ppl recovered | out-of-domain ppl "
+                  "recovered (x dense) | teacher MiB | fine-tune s |",
+                  "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in q["rows"]:
-            lines.append(f"| {r['ratio']:g} | {r['criterion']} | {r['params_recovered'] / 1e6:.1f}M | "
-                         f"{r['ppl_one_shot']:.2f} | {r['ppl_recovered']:.2f} | {r['finetune_seconds']:.0f} |")
+            lines.append(f"| {r['ratio']:g} | {r['criterion']} | {r['recovery']} | "
+                         f"{r['params_recovered'] / 1e6:.1f}M | {r['ppl_one_shot']:.2f} | {r['ppl_recovered']:.2f} | "
+                         f"{r['ppl_ood_recovered']:.2f} "
+                         f"({r['ppl_ood_recovered'] / q['dense_ppl_ood']:.2f}x) | {r['teacher_bytes'] / 2**20:.1f} | "
+                         f"{r['finetune_seconds']:.0f} |")
     s = results.get("scoring")
     if s:
         lines += ["", f"Scoring ({args.calib} batches of {args.batch}x{args.window}), each in a fresh process, "
@@ -245,20 +285,27 @@ def _plot(results: dict, path: Path) -> None:
 
     q = results["quality"]
     ratios = sorted({r["ratio"] for r in q["rows"]})
-    fig = Figure(figsize=(5 * len(ratios), 4), layout="constrained")
+    texts = (("ppl_recovered", "dense_ppl", "in-domain"), ("ppl_ood_recovered", "dense_ppl_ood", "out-of-domain"))
+    fig = Figure(figsize=(5 * len(ratios), 8), layout="constrained")
     FigureCanvasAgg(fig)
     for i, ratio in enumerate(ratios):
-        ax = fig.add_subplot(1, len(ratios), i + 1)
         rows = [r for r in q["rows"] if r["ratio"] == ratio]
-        x = np.arange(len(rows))
-        ax.bar(x - 0.2, [r["ppl_one_shot"] for r in rows], 0.4, label="one-shot")
-        ax.bar(x + 0.2, [r["ppl_recovered"] for r in rows], 0.4, label="with LoRA recovery")
-        ax.axhline(q["dense_ppl"], color="black", linestyle="--", linewidth=0.8, label="dense")
-        ax.set_yscale("log")
-        ax.set_xticks(x, [r["criterion"] for r in rows])
-        ax.set_title(f"{ratio:g} of prunable units removed")
-        ax.set_ylabel("held-out perplexity (log)")
-        ax.legend()
+        criteria = list(dict.fromkeys(r["criterion"] for r in rows))
+        recoveries = list(dict.fromkeys(r["recovery"] for r in rows))
+        x = np.arange(len(criteria))
+        for j, (key, dense_key, text) in enumerate(texts):
+            ax = fig.add_subplot(2, len(ratios), j * len(ratios) + i + 1)
+            width = 0.8 / len(recoveries)
+            for k, recovery in enumerate(recoveries):
+                value = {r["criterion"]: r[key] for r in rows if r["recovery"] == recovery}
+                ax.bar(x + (k - (len(recoveries) - 1) / 2) * width, [value.get(c, np.nan) for c in criteria], width,
+                       label=f"{recovery} recovery")
+            ax.axhline(q[dense_key], color="black", linestyle="--", linewidth=0.8, label="dense")
+            ax.set_yscale("log")
+            ax.set_xticks(x, criteria)
+            ax.set_title(f"{ratio:g} of prunable units removed: {text}")
+            ax.set_ylabel("perplexity after recovery (log)")
+            ax.legend()
     fig.savefig(path, dpi=120)
 
 
@@ -272,6 +319,12 @@ def main() -> None:
     parser.add_argument("--data", nargs="*", default=None, help=".txt/.jsonl files (default pydoc topics)")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     parser.add_argument("--criteria", nargs="+", default=list(CRITERIA), choices=CRITERIA)
+    parser.add_argument("--recoveries", nargs="+", default=list(RECOVERIES), choices=RECOVERIES)
+    parser.add_argument("--distill-weight", type=float, default=1.0, help="KL share of the distillation loss")
+    parser.add_argument("--temperature", type=float, default=1.0, help="of the distillation loss")
+    parser.add_argument("--ood-data", nargs="*", default=None,
+                        help="out-of-domain .txt/.jsonl (default: /usr/share/common-licenses)")
+    parser.add_argument("--resume", action="store_true", help="keep the rows of quality_partial.json in --out")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--window", type=int, default=128)

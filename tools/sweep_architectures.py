@@ -149,16 +149,20 @@ def sweep_one(name: str) -> dict:
         row["groups"] = {kind: sum(g.kind == kind for g in result.groups) for kind in
                          sorted({g.kind for g in result.groups})}
         row["params_removed"] = 1 - result.report.params_after / result.report.params_before
-        stage = "lora_prune"
-        batches = [torch.randint(2, VOCAB, (2, 16), generator=torch.Generator().manual_seed(s)) for s in range(2)]
-        config = LoRAPruneConfig(ratio=0.5, steps=4, update_every=2, lr=1e-4, cooldown=0.1, progress=False,
-                                 count_macs=False)
-        lora = prune(model, ids, config, batches=batches)
-        row["lora_params_removed"] = lora.report.params_removed_fraction
+        compact = [result.model]
+        nothing = result.analysis.nothing_to_prune(type(model).__name__)
+        if nothing is None:  # LoRAPrune would stop with the same reason
+            stage = "lora_prune"
+            batches = [torch.randint(2, VOCAB, (2, 16), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+            config = LoRAPruneConfig(ratio=0.5, steps=4, update_every=2, lr=1e-4, cooldown=0.1, progress=False,
+                                     count_macs=False)
+            lora = prune(model, ids, config, batches=batches)
+            row["lora_params_removed"] = lora.report.params_removed_fraction
+            compact.append(lora.model)
         stage = "onnx"
         with tempfile.TemporaryDirectory() as tmp:
-            row["ort_max_abs_diff"] = max(ort_difference(m, Path(tmp)) for m in (result.model, lora.model))
-        row["status"] = "ok"
+            row["ort_max_abs_diff"] = max(ort_difference(m, Path(tmp)) for m in compact)
+        row["status"] = "ok" if nothing is None else nothing
     except Exception as err:  # a row per failure: the sweep reports, it does not stop
         first = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).splitlines()[0] if str(err) else ""  # no terminal colours
         row["status"] = f"failed at {stage}: {type(err).__name__}: {first}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +19,11 @@ from tqdm.auto import tqdm
 from loraprune.lora.adapters import add_lora, lora_layers, lora_params
 from loraprune.passes.checkpointing import activation_checkpointing
 
-__all__ = ["GradientStats", "as_batches", "causal_lm_loss", "device_of", "gradient_bytes", "lora_recover",
-           "train_step"]
+if TYPE_CHECKING:
+    from loraprune.lora.distill import Distillation
+
+__all__ = ["GradientStats", "as_batches", "batch_inputs", "causal_lm_loss", "device_of", "gradient_bytes",
+           "lora_recover", "next_token_loss", "output_logits", "train_step"]
 
 
 def gradient_bytes(model: nn.Module) -> int:
@@ -57,36 +61,51 @@ def device_of(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def causal_lm_loss(model: nn.Module, batch: torch.Tensor | dict) -> torch.Tensor:
-    """Mean next-token cross-entropy of a batch: token ids [b, seq], or a dict with input_ids (and optionally
-    attention_mask, labels; -100 labels are ignored, so are padded positions)."""
+def batch_inputs(model: nn.Module, batch: torch.Tensor | dict) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                       torch.Tensor | None]:
+    """(input_ids, attention_mask, labels) of a batch on the model's device: token ids [b, seq], or a dict with
+    input_ids (and optionally attention_mask, labels)."""
     device = device_of(model)
-    if isinstance(batch, dict):
-        ids = batch["input_ids"].to(device)
-        mask = batch.get("attention_mask")
-        labels = batch.get("labels")
-    else:
-        ids, mask, labels = batch.to(device), None, None
-    kwargs = {"input_ids": ids}
-    if mask is not None:
-        kwargs["attention_mask"] = mask = mask.to(device)
-    out = model(**kwargs)
+    if not isinstance(batch, dict):
+        return batch.to(device), None, None
+    mask, labels = batch.get("attention_mask"), batch.get("labels")
+    return (batch["input_ids"].to(device), None if mask is None else mask.to(device),
+            None if labels is None else labels.to(device))
+
+
+def output_logits(out) -> torch.Tensor:
+    """The logits of a model's output (a HF output object, a tuple, or the tensor itself)."""
     logits = getattr(out, "logits", None)
     if logits is None:
         logits = out[0] if isinstance(out, (tuple, list)) else out
+    return logits
+
+
+def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None,
+                    labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy; -100 labels are ignored, so are padded positions."""
     if labels is None:
         labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
     # shift the labels, not the logits: flattening sliced [b, seq, vocab] logits copies them, and the slice's
     # backward pass allocates another vocab-sized tensor (the largest activations of a small model)
-    targets = F.pad(labels.to(device)[:, 1:], (0, 1), value=-100)
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
 
+def causal_lm_loss(model: nn.Module, batch: torch.Tensor | dict) -> torch.Tensor:
+    """Mean next-token cross-entropy of a batch (see `batch_inputs` for the forms a batch takes)."""
+    ids, mask, labels = batch_inputs(model, batch)
+    out = model(input_ids=ids, **({} if mask is None else {"attention_mask": mask}))
+    return next_token_loss(output_logits(out), ids, mask, labels)
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch,
-               after_backward: Callable[[], None] | None = None) -> float:
-    """One AdamW step on the causal-LM loss of `batch`; `after_backward` reads the gradients before the step."""
+               after_backward: Callable[[], None] | None = None,
+               loss_fn: Callable[[nn.Module, object], torch.Tensor] = causal_lm_loss) -> float:
+    """One AdamW step on `loss_fn` of `batch` (the causal-LM loss, or a `Distillation`'s); `after_backward` reads
+    the gradients before the step."""
     optimizer.zero_grad(set_to_none=True)
-    loss = causal_lm_loss(model, batch)
+    loss = loss_fn(model, batch)
     loss.backward()
     if after_backward is not None:
         after_backward()
@@ -97,14 +116,15 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch,
 def lora_recover(model: nn.Module, batches, *, steps: int, lr: float = 1e-4, r: int = 8, alpha: int = 16,
                  target: Sequence[str] | None = None, dropout: float = 0.05, seed: int = 0, batch_size: int = 4,
                  merge: bool = True, progress: bool = True, checkpointing: bool = False,
-                 init: str = "pissa") -> tuple[nn.Module, list[float]]:
+                 init: str = "pissa", distillation: Distillation | None = None) -> tuple[nn.Module, list[float]]:
     """LoRA recovery fine-tuning of an (already pruned) model: the baselines' counterpart of the schedule.
 
     Same optimiser, loss, batches and step count as `iterative_prune`, so a one-shot criterion followed by this
     gets the same fine-tuning budget as LoRA-guided pruning. Works on a copy; returns (model, loss per step),
     the model merged into plain weights unless `merge` is False (then a PeftModel). `checkpointing`
     recomputes each decoder layer in the backward pass instead of keeping its activations; `init` is how the
-    factors start (`LORA_INITS`).
+    factors start (`LORA_INITS`); with `distillation` each step minimises its loss (against its teacher, the
+    dense model) instead of the next-token loss.
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
@@ -118,7 +138,8 @@ def lora_recover(model: nn.Module, batches, *, steps: int, lr: float = 1e-4, r: 
         work.train()
         bar = tqdm(range(1, steps + 1), desc="lora-recover", unit="step", disable=not progress)
         for step in bar:
-            losses.append(train_step(work, optimizer, batches[(step - 1) % len(batches)]))
+            losses.append(train_step(work, optimizer, batches[(step - 1) % len(batches)],
+                                     loss_fn=causal_lm_loss if distillation is None else distillation.loss))
             bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
         bar.close()
         optimizer.zero_grad(set_to_none=True)

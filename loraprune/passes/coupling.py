@@ -17,7 +17,7 @@ stays linear in the graph size even for 8B-parameter shapes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -57,6 +57,8 @@ class Solution:
     reduced: np.ndarray  # bool per class root: channels reduced over (norm statistics, softmax)
     head: np.ndarray  # bool per class root: channels that index attention heads
     parent_pairs: np.ndarray  # [k, 2] (child root, parent root), unique
+    # (site, atoms) of every view into rows that `solve` froze (see `split_rows`), for the frozen report
+    frozen_splits: list[tuple[tuple[str, ...], np.ndarray]] = field(default_factory=list)
 
 
 class CouplingState:
@@ -73,6 +75,7 @@ class CouplingState:
         self._head: list[np.ndarray] = []
         self._shared: list[tuple[np.ndarray, np.ndarray, bool, np.ndarray, np.ndarray]] = []
         self._splits: list[np.ndarray] = []
+        self._split_sites: list[tuple[str, ...]] = []
         self._head_blocks: list[np.ndarray] = []
 
     # -- allocation -------------------------------------------------------------------------------------
@@ -126,14 +129,16 @@ class CouplingState:
         mb = np.concatenate([m[1] for m in merged]) if merged else np.zeros(0, np.int64)
         self._shared.append((pa, pb, summed, ma, mb))
 
-    def split_rows(self, block: np.ndarray) -> None:
+    def split_rows(self, block: np.ndarray, site: tuple[str, ...] = ()) -> None:
         """`block` [..., rows, row]: one channel dim viewed as (rows, row). The compact model can only shrink
         the rows (the view's leading size: heads) or every row alike (its trailing size: GLU halves); a class
-        inside one row that shares it with others (a head in CodeGen's fixed 4 partitions) would need rows of
-        different lengths, so `solve` freezes such a block. One exception: a row that is one KV group (a KV
+        inside one row that shares it with others (one of several heads in each of CodeGen's 4 model-parallel
+        partitions) would need rows of different lengths, so `solve` freezes such a block and names `site`
+        (node, op, what the view does) in `Solution.frozen_splits`. One exception: a row that is one KV group (a KV
         head and the query heads that read it, Falcon's fused qkv) shrinks alike, because selection removes the
         same number of query heads from every KV group."""
         self._splits.append(block.reshape(-1, *block.shape[-2:]))
+        self._split_sites.append(site)
 
     @staticmethod
     def _rows_ok(block: np.ndarray, parent: dict[int, int]) -> bool:
@@ -274,7 +279,8 @@ class CouplingState:
             across = (origin[sa] != origin[sb]) & (origin[sa] >= 0) & (origin[sb] >= 0)
             residual[root[sa[across]]] = True
         parent = {int(c): int(p) for c, p in dep}
-        frozen += [block.ravel() for block in self._splits
-                   if not self._rows_ok(np.where(block >= 0, root[np.maximum(block, 0)], NO_CHANNEL), parent)]
+        frozen_splits = [(site, block[block >= 0]) for block, site in zip(self._splits, self._split_sites, strict=True)
+                         if not self._rows_ok(np.where(block >= 0, root[np.maximum(block, 0)], NO_CHANNEL), parent)]
+        frozen += [atoms for _, atoms in frozen_splits]
         return Solution(root, self._flag(frozen, root), residual, self._flag(self._reduced, root),
-                        self._flag(self._head, root), dep)
+                        self._flag(self._head, root), dep, frozen_splits)

@@ -7,6 +7,7 @@ Entry point: `analyze(model, example_inputs)` or `build_groups(program)`. Works 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,12 +33,40 @@ class Analysis:
     frozen: list[FrozenDim]
     program: TracedProgram
     param_shapes: dict[str, tuple[int, ...]]
+    # parameters with channels that a statistic spans (a norm over all heads' channels, OLMoE's q_norm): they are
+    # not frozen by any op, yet kept whole, since removing one would change the statistic for the others
+    reduced: tuple[str, ...] = ()
 
     def by_kind(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for g in self.groups:
             counts[g.kind] = counts.get(g.kind, 0) + 1
         return counts
+
+    def nothing_to_prune(self, model_name: str, prune_hidden: bool = False) -> str | None:
+        """None when some group can lose units (hidden-stream groups only with `prune_hidden`); otherwise one line
+        that says why not, for the error a user sees: which groups `--prune-hidden` would make prunable (or that it
+        would not help), the ops that froze channels, and where a statistic over channels keeps them whole."""
+        prunable = [g for g in self.groups if g.num_units > 1]
+        if any(prune_hidden or g.kind != "hidden" for g in prunable):
+            return None
+        hidden = [g for g in prunable if g.kind == "hidden"]
+        if prune_hidden:
+            hint = ""
+        elif hidden:
+            hint = "; --prune-hidden would make prunable: " + ", ".join(
+                f"{g.name} ({g.num_units} channels of {len(g.params)} tensors)" for g in hidden)
+        else:
+            hint = "; --prune-hidden would not help: the hidden stream is not a prunable group either"
+        ops = Counter(f.op for f in self.frozen)
+        why = [f"{len(self.frozen)} frozen reports (" + ", ".join(f"{op} x{n}" for op, n in ops.most_common(4))
+               + (", ..." if len(ops) > 4 else "") + ")"] if self.frozen else []
+        if self.reduced:
+            why.append(f"a statistic over channels in {len(self.reduced)} tensors (e.g. {self.reduced[0]}: a norm "
+                       "spanning several heads or all MLP channels changes when any of them goes)")
+        where = " outside the hidden stream" if hidden and not prune_hidden else ""
+        return (f"nothing to prune in {model_name}: the dependency pass found no group of prunable units{where}"
+                f"{hint}" + (f"; kept whole by {' and '.join(why)}" if why else ""))
 
 
 def analyze(model: nn.Module, example_inputs: tuple | torch.Tensor) -> Analysis:
@@ -139,6 +168,7 @@ def build_groups(program: TracedProgram) -> Analysis:
     state = CouplingState()
     param_atoms, shapes, reports = _walk(program, state)
     sol = state.solve()
+    reports += [(*site, atoms) for site, atoms in sol.frozen_splits]
     keys = list(param_atoms)
     roots = [sol.root[param_atoms[k]] for k in keys]
     groups = _assemble(keys, roots, sol, program, shapes)
@@ -151,7 +181,9 @@ def build_groups(program: TracedProgram) -> Analysis:
         hit = set(sol.root[touched]) if len(touched) else set()
         params = tuple(sorted({k[0] for k, r in zip(keys, roots, strict=True) if hit and hit & set(r.tolist())}))
         frozen.append(FrozenDim(node, op, reason, params))
-    return Analysis(groups, frozen, program, shapes)
+    held = sol.reduced & ~sol.residual & ~sol.frozen
+    reduced = tuple(dict.fromkeys(k[0] for k, r in zip(keys, roots, strict=True) if held[r].any()))
+    return Analysis(groups, frozen, program, shapes, reduced)
 
 
 def _assemble(keys: list[tuple[str, int]], roots: list[np.ndarray], sol: Solution,

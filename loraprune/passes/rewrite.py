@@ -38,6 +38,25 @@ ATTENTION_ATTRS = {
     "kv_dim": lambda h, kv, d: kv * d,
 }
 
+# Counts of blocks that each hold a fixed number of heads (CodeGen's `mp_num` model-parallel partitions of its fused
+# qkv_proj, whose width the code reads as embed_dim // mp_num): they scale with the kept heads, so every block keeps
+# its width. The dependency pass only lets heads go in whole blocks (`CouplingState.split_rows`).
+HEAD_BLOCK_ATTRS = ("mp_num",)
+_HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
+
+
+def _patch_attention(module: nn.Module, heads: int, kv_heads: int, head_dim: int) -> None:
+    """Size attributes of an attention module (and of its submodules) after its heads were sliced."""
+    for sub in module.modules():
+        before = next((v for a in _HEAD_COUNT_ATTRS if isinstance(v := getattr(sub, a, None), int)), None)
+        for attr, rule in ATTENTION_ATTRS.items():
+            if isinstance(getattr(sub, attr, None), int):
+                setattr(sub, attr, rule(heads, kv_heads, head_dim))
+        for attr in HEAD_BLOCK_ATTRS:
+            blocks = getattr(sub, attr, None)
+            if isinstance(blocks, int) and before and heads * blocks % before == 0:
+                setattr(sub, attr, heads * blocks // before)
+
 
 def _module_sizes(module: nn.Module) -> None:
     """Size attributes of standard layers, read back from their (sliced) tensors."""
@@ -141,10 +160,7 @@ def apply_plan(model: nn.Module, plan: PrunePlan, inplace: bool = False) -> nn.M
                 module._buffers[attr] = new_tensor[id(tensor)]
         _module_sizes(module)
     for module_name, shape in plan.attention.items():
-        for sub in model.get_submodule(module_name).modules():
-            for attr, rule in ATTENTION_ATTRS.items():
-                if isinstance(getattr(sub, attr, None), int):
-                    setattr(sub, attr, rule(shape["heads"], shape["kv_heads"], shape["head_dim"]))
+        _patch_attention(model.get_submodule(module_name), shape["heads"], shape["kv_heads"], shape["head_dim"])
     _patch_config(model, plan)
     _own_configs(model, plan)
     return model

@@ -634,7 +634,11 @@ def aten_view(ctx: RuleContext, node: Node) -> Atoms:
     for gnum, (gi, gj) in enumerate(groups):
         if varies[gnum] and len(gi) == 1 and len(gj) > 1:  # one channel dim viewed as several: rows of a table
             block = np.moveaxis(out, list(range(start, start + len(gj))), list(range(out.ndim - len(gj), out.ndim)))
-            ctx.state.split_rows(block.reshape(block.shape[:out.ndim - len(gj)] + (dst[gj[0]], -1)))
+            rows = block.reshape(block.shape[:out.ndim - len(gj)] + (dst[gj[0]], -1))
+            site = (node.name, op_key(node), f"one channel dim viewed as {rows.shape[-2]} rows of {rows.shape[-1]} "
+                    "whose rows each hold channels of several groups (heads inside fixed partitions): the compact "
+                    "model would need rows of different lengths, so they stay whole")
+            ctx.state.split_rows(rows, site)
         start += len(gj)
     for axis in range(out.ndim):  # a dim whose atoms repeat along it carries no channels of its own
         if out.shape[axis] > 1 and (out == np.take(out, [0], axis=axis)).all():

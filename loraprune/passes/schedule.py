@@ -15,40 +15,48 @@ from tqdm.auto import tqdm
 
 from loraprune.ir.groups import ChannelGroup
 from loraprune.lora.adapters import is_peft_model, lora_layers, lora_params
-from loraprune.lora.training import as_batches, train_step
+from loraprune.lora.distill import Distillation
+from loraprune.lora.training import as_batches, batch_inputs, causal_lm_loss, output_logits, train_step
 from loraprune.passes.checkpointing import activation_checkpointing
 from loraprune.passes.criteria.lora import LoRAScorer
 from loraprune.passes.criteria.scores import GroupScores
+from loraprune.passes.masking import Masker
 from loraprune.passes.select import SelectConfig, select_units
 
-__all__ = ["cubic_ratio", "iterative_prune"]
+__all__ = ["DenseTeacher", "cubic_ratio", "iterative_prune"]
 
 
-class _Masker:
-    """Zeroes removed units in every member tensor (base weights, biases, norms, LoRA factors) in place,
-    exactly the entries `masked_copy` zeroes and the rewrite removes."""
+class DenseTeacher:
+    """The dense model, rebuilt in place from the masked PEFT model the schedule trains: masks off
+    (`Masker.off`) and every LoRA factor swapped for its value at the start (standard init: B = 0, no adapter;
+    PiSSA: the top-r part the residual base lacks), in eval mode, without gradients. No second model: the extra
+    memory is a copy of the initial factors (r x (in + out) per layer) and the masker's stash (`bytes`)."""
 
-    def __init__(self, model: nn.Module, groups: list[ChannelGroup]) -> None:
-        self.state = model.state_dict(keep_vars=True)
-        self.groups = groups
-        self.removed: list[tuple[torch.Tensor, int, torch.Tensor]] = []
+    def __init__(self, model: nn.Module, masker: Masker) -> None:
+        self.model, self.masker = model, masker
+        self.params = lora_params(lora_layers(model))
+        self.initial = [p.detach().clone() for p in self.params]
 
-    def set(self, kept: dict[str, np.ndarray]) -> None:
-        gone: dict[tuple[str, int], np.ndarray] = {}
-        for g in self.groups:
-            keep = np.asarray(kept.get(g.name, np.arange(g.num_units)))
-            keep_kv = np.unique(g.kv_of_unit[keep]) if g.num_kv_units else None
-            for table, k in ((g.members, keep), (g.kv_members, keep_kv)):
-                for key, ids in table.items():
-                    gone[key] = gone.get(key, np.zeros(len(ids), bool)) | ((ids >= 0) & ~np.isin(ids, k))
-        self.removed = [(self.state[p], d, torch.as_tensor(np.flatnonzero(m), device=self.state[p].device))
-                        for (p, d), m in gone.items() if m.any()]
+    @property
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.initial) + self.masker.stash_bytes
 
     @torch.no_grad()
-    def apply(self, trainable_only: bool = False) -> None:
-        for tensor, dim, idx in self.removed:
-            if not trainable_only or tensor.requires_grad:
-                tensor.data.index_fill_(dim, idx, 0.0)
+    def __call__(self, batch) -> torch.Tensor:
+        ids, mask, _ = batch_inputs(self.model, batch)
+        trained = [p.data for p in self.params]
+        was_training = self.model.training
+        try:
+            for p, initial in zip(self.params, self.initial, strict=True):
+                p.data = initial
+            self.model.eval()
+            with self.masker.off():
+                out = self.model(input_ids=ids, **({} if mask is None else {"attention_mask": mask}))
+            return output_logits(out)
+        finally:
+            for p, value in zip(self.params, trained, strict=True):
+                p.data = value
+            self.model.train(was_training)
 
 
 def _select_monotone(groups: list[ChannelGroup], scores: GroupScores, kept: dict[str, np.ndarray],
@@ -85,17 +93,21 @@ def cubic_ratio(step: int, steps: int, ratio: float, warmup: float = 0.1, cooldo
 def iterative_prune(model: nn.Module, analysis, batches, *, ratio: float, config: SelectConfig | None = None,
                     steps: int, lr: float = 1e-4, update_every: int = 10, warmup: float = 0.1, cooldown: float = 0.1,
                     lam: float = 0.9, progress: bool = True, seed: int = 0, batch_size: int = 4,
-                    weight_decay: float = 0.0, checkpointing: bool = False) -> tuple[dict[str, np.ndarray], list[dict]]:
+                    weight_decay: float = 0.0, checkpointing: bool = False, distill: float = 0.0,
+                    temperature: float = 1.0) -> tuple[dict[str, np.ndarray], list[dict]]:
     """Fine-tune the LoRA factors of the PEFT `model` (in place) while its masks grow to `ratio`.
 
     AdamW on the LoRA factors only, causal-LM loss, one batch per step (cycling through `batches`). The
     target ratio follows `cubic_ratio`; every `update_every` steps (and when the schedule reaches `ratio`)
     units are reselected with `select_units` from the smoothed LoRA scores, removed units never return,
-    and removed units are zeroed in the base weights and the LoRA factors (kept zero after every step).
+    and removed units are masked (`Masker`: zero in the LoRA factors after every step, and in the base weights
+    by hooks or in place; at the end all in place, so the model is the masked model the rewrite equals).
     Once the masks reach `ratio`, the remaining steps (the cool-down) fine-tune only: no scoring, no updates.
     The final kept counts are those `select_units` gives for `ratio`; `checkpointing` as in `lora_recover`.
+    `distill` > 0 recovers by distillation from the dense model (`DenseTeacher`: one more no-grad forward per
+    step, no second model), that share of the loss being KL(teacher || student) at `temperature`.
     Returns (kept units per group, history): one record per update with step, ratio, mean loss since the
-    last update and the kept units.
+    last update, the kept units and the teacher's memory (0 without distillation).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -103,10 +115,10 @@ def iterative_prune(model: nn.Module, analysis, batches, *, ratio: float, config
         raise ValueError(f"update_every must be >= 1, got {update_every}")
     config = dataclasses.replace(config or SelectConfig(), ratio=ratio)
     groups = analysis.groups
-    if not any(g.num_units > 1 for g in groups):
-        name = type(model.get_base_model() if is_peft_model(model) else model).__name__
-        raise ValueError(f"nothing to prune in {name}: the dependency pass found no group of "
-                         f"prunable units ({len(analysis.frozen)} frozen reports say why)")
+    name = type(model.get_base_model() if is_peft_model(model) else model).__name__
+    nothing = analysis.nothing_to_prune(name, config.prune_hidden)
+    if nothing:
+        raise ValueError(nothing)
     batches = as_batches(batches, batch_size)
     layers = lora_layers(model)
     if not layers:
@@ -117,7 +129,11 @@ def iterative_prune(model: nn.Module, analysis, batches, *, ratio: float, config
     for p in params:
         p.requires_grad_(True)
     scorer = LoRAScorer(model, groups, lam)
-    masker = _Masker(model, groups)
+    masker = Masker(model, groups)
+    loss_fn, teacher = causal_lm_loss, None
+    if distill > 0:
+        teacher = DenseTeacher(model, masker)
+        loss_fn = Distillation(teacher, weight=distill, temperature=temperature).loss
     kept = {g.name: np.arange(g.num_units) for g in groups}
     history: list[dict] = []
     end = max(int(round(warmup * steps)), steps - int(round(cooldown * steps)))
@@ -128,10 +144,10 @@ def iterative_prune(model: nn.Module, analysis, batches, *, ratio: float, config
         new = _select_monotone(groups, scorer.scores(), kept, dataclasses.replace(config, ratio=target))
         kept = new
         masker.set(kept)
-        masker.apply()
         last_ratio = target
         history.append({"step": step, "ratio": target, "loss": float(np.mean(losses)) if losses else None,
-                        "kept": {k: v.copy() for k, v in kept.items()}})
+                        "kept": {k: v.copy() for k, v in kept.items()},
+                        "teacher_bytes": 0 if teacher is None else teacher.bytes})
         losses = []
 
     was_training = model.training
@@ -144,7 +160,7 @@ def iterative_prune(model: nn.Module, analysis, batches, *, ratio: float, config
             for step in bar:
                 pruning = last_ratio != ratio  # once the masks reach `ratio` they are final: no scores needed
                 value = train_step(model, optimizer, batches[(step - 1) % len(batches)],
-                                    after_backward=scorer.update if pruning else None)
+                                   after_backward=scorer.update if pruning else None, loss_fn=loss_fn)
                 masker.apply(trainable_only=True)
                 losses.append(value)
                 if pruning and (step % update_every == 0 or step == end):
@@ -153,6 +169,7 @@ def iterative_prune(model: nn.Module, analysis, batches, *, ratio: float, config
             if last_ratio != ratio:
                 update(steps, ratio)
         finally:
+            masker.finalize()  # the plain masked model from here on: removed entries zero, no hooks
             bar.close()
             optimizer.zero_grad(set_to_none=True)
             model.train(was_training)

@@ -12,6 +12,9 @@ Attention: at opset 23 (the default) each layer's attention is one fused ONNX ``
 layer's own head counts, or, where the fused op cannot express a layer, that layer's unfused eager graph;
 ``runtime/attention.py`` decides per layer and stores the decisions in the file's metadata.
 
+Complex arithmetic (Llama 4's rotary in complex numbers) is rewritten into real arithmetic before the converter
+sees the program (``runtime/complex.py``): the converter has no complex tensors.
+
 The decode graph takes ``past_key_i``/``past_value_i`` for every layer and returns
 ``present_key_i``/``present_value_i``; with past length 0 it is also the first (prompt) step, so a
 generation loop needs only this one graph. The prefill graph (logits only, optionally presents too)
@@ -36,6 +39,7 @@ import onnx
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental import _config as fx_config
 from transformers import DynamicCache
 
 from loraprune.runtime.attention import (
@@ -46,6 +50,7 @@ from loraprune.runtime.attention import (
     UnexpressibleAttention,
     routed_attention,
 )
+from loraprune.runtime.complex import realify_complex
 from loraprune.runtime.gqa import gqa_schema, gqa_translation
 
 __all__ = [
@@ -259,9 +264,10 @@ def _export(wrapper: nn.Module, args: tuple, dynamic_shapes: tuple, input_names:
         with torch.no_grad():
             try:
                 program = torch.onnx.export(
-                    wrapper, args, dynamo=True, opset_version=opset, dynamic_shapes=dynamic_shapes,
-                    input_names=input_names, output_names=output_names, artifacts_dir=staged.parent,
-                    verbose=False, custom_translation_table=gqa_translation() if cuda else None,
+                    _captured(wrapper, args, dynamic_shapes), args, dynamo=True, opset_version=opset,
+                    dynamic_shapes=dynamic_shapes, input_names=input_names, output_names=output_names,
+                    artifacts_dir=staged.parent, verbose=False,
+                    custom_translation_table=gqa_translation() if cuda else None,
                 )
             except Exception as err:  # the exporter wraps errors raised while tracing into pages of text
                 cause = _cause_of_type(err, UnexpressibleAttention)
@@ -276,6 +282,23 @@ def _export(wrapper: nn.Module, args: tuple, dynamic_shapes: tuple, input_names:
         program.save(staged, external_data=external_data)
         onnx.checker.check_model(str(staged))
     return path
+
+
+def _captured(wrapper: nn.Module, args: tuple, dynamic_shapes: tuple) -> nn.Module | torch.export.ExportedProgram:
+    """The program torch.onnx captures first (torch.export, non-strict, with its settings), its complex arithmetic
+    rewritten into real arithmetic (``runtime/complex.py``: the converter has no complex tensors). When that capture
+    fails, the module itself, so the exporter's other capture strategies and its error text still apply."""
+    try:
+        with fx_config.patch(backed_size_oblivious=True):  # as torch.onnx does: dims sampled at 0/1 stay dynamic
+            program = torch.export.export(wrapper, args, dynamic_shapes=dynamic_shapes, strict=False,
+                                          prefer_deferred_runtime_asserts_over_guards=True)
+    except UnexpressibleAttention:
+        raise
+    except Exception:
+        return wrapper
+    if realify_complex(program.graph_module.graph):
+        program.graph_module.recompile()
+    return program
 
 
 def _causes(err: BaseException) -> list[BaseException]:

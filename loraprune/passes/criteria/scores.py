@@ -21,10 +21,12 @@ __all__ = ["CRITERIA", "GroupScores", "annotate_scores", "group_scores", "index_
 
 @dataclass
 class GroupScores:
-    """Scores per unit (and per KV unit for GQA attention), keyed by group name."""
+    """Scores per unit (and per KV unit for GQA attention), keyed by group name; `input_means` (FLAP's) holds
+    the mean input per channel of layers whose inputs are members, for its bias compensation."""
 
     units: dict[str, np.ndarray] = field(default_factory=dict)
     kv: dict[str, np.ndarray] = field(default_factory=dict)
+    input_means: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
 
 
 Criterion = Callable[..., GroupScores]
