@@ -12,7 +12,7 @@ import copy
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from loraprune.passes.rewrite import apply_plan, make_plan, masked_copy
 from loraprune.passes.schedule import iterative_prune
 from loraprune.passes.select import select_units
 from loraprune.passes.verify import compact_logits, compare_logits, logits, model_dtype
+
+if TYPE_CHECKING:
+    from loraprune.parallel import DataParallel
 
 __all__ = ["PruneReport", "PruneResult", "count_params", "prune"]
 
@@ -95,13 +98,14 @@ Batches = torch.Tensor | list[torch.Tensor] | None
 
 def prune(model: nn.Module, example_inputs: tuple | torch.Tensor, config: PruneConfig | None = None, *,
           batches: Batches = None, analysis: Analysis | None = None, scores: GroupScores | None = None,
-          stats: GradientStats | None = None) -> PruneResult:
+          stats: GradientStats | None = None, parallel: DataParallel | None = None) -> PruneResult:
     """Prune `model` to a compact copy by the method `config` names (default `MagnitudeConfig()`).
 
     `example_inputs` are traced for the dependency pass and used to verify the rewrite. `batches` (token ids
     [b, seq], or a list of them) are the calibration data of gradient criteria and the fine-tuning data of
     LoRAPrune. One-shot methods accept a ready `analysis` of `model` and ready `scores` (which then replace the
-    criterion's); `stats` records the gradient memory a gradient criterion needed.
+    criterion's); `stats` records the gradient memory a gradient criterion needed. With `parallel` (the
+    processes of an Accelerate launch, `loraprune.distributed.launched()`) LoRAPrune's steps are data-parallel.
     """
     config = MagnitudeConfig() if config is None else config
     if not isinstance(config, PruneConfig):
@@ -115,7 +119,7 @@ def prune(model: nn.Module, example_inputs: tuple | torch.Tensor, config: PruneC
         if analysis is not None or scores is not None:
             raise ValueError("LoRAPrune analyses and scores the adapter-wrapped model itself: pass no analysis "
                              "or scores")
-        result = _lora_prune(model, example_inputs, config, batches)
+        result = _lora_prune(model, example_inputs, config, batches, parallel)
     else:
         result = _one_shot(model, example_inputs, config, batches, analysis, scores, stats)
     base = model.get_base_model() if is_peft_model(model) else model
@@ -170,7 +174,8 @@ def _shift_biases(model: nn.Module, shifts: dict[str, torch.Tensor]) -> nn.Modul
     return model
 
 
-def _lora_prune(model: nn.Module, example_inputs: tuple, config: LoRAPruneConfig, batches: Batches) -> PruneResult:
+def _lora_prune(model: nn.Module, example_inputs: tuple, config: LoRAPruneConfig, batches: Batches,
+                parallel: DataParallel | None = None) -> PruneResult:
     """add_lora (an existing PeftModel is used as is) -> analyze the PEFT model -> iterative_prune -> make_plan +
     apply_plan (masked channels removed from the base weights and the LoRA factors alike) -> merge (with
     `config.merge`; plan, groups and kept units then use the plain model's names, so the plan re-applies to the
@@ -191,7 +196,8 @@ def _lora_prune(model: nn.Module, example_inputs: tuple, config: LoRAPruneConfig
         peft_model, analysis, batches, ratio=config.ratio, config=config.selection(), steps=config.steps, lr=config.lr,
         update_every=config.update_every, warmup=config.warmup, cooldown=config.cooldown, lam=config.lam,
         progress=config.progress, seed=config.seed, batch_size=config.batch_size, weight_decay=config.weight_decay,
-        checkpointing=config.checkpointing, distill=config.distill, temperature=config.temperature))
+        checkpointing=config.checkpointing, distill=config.distill, temperature=config.temperature,
+        parallel=parallel))
     start = time.perf_counter()
     plan = make_plan(analysis.groups, kept, analysis.param_shapes, analysis.program.aliases,
                      meta={"criterion": config.criterion, "select": config.selection().to_dict(),

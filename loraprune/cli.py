@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -171,8 +172,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
         bench_runs=args.bench_runs, threads=args.threads, seed=args.seed, force=args.force,
         trust_remote_code=args.trust_remote_code, progress=not args.quiet, keep_adapter=args.keep_adapter,
         checkpointing=args.checkpointing, device=args.device, dtype=args.dtype, target=args.target,
-        genai=args.genai, distill=args.distill, temperature=args.temperature, ood_data=list(args.ood_data or []))
+        genai=args.genai, distill=args.distill, temperature=args.temperature, ood_data=list(args.ood_data or []),
+        lora_dropout=args.lora_dropout, collective_timeout=args.collective_timeout)
     r = compile_model(options)
+    if r is None:  # a process of a multi-process launch that writes nothing: the first one reports
+        return 0
     print(f"{r['model']}: params {r['params_before']:,} -> {r['params_after']:,} "
           f"(-{r['params_removed_fraction']:.1%}), MACs x{r['macs_after'] / r['macs_before']:.3f}, "
           f"held-out ppl {r['ppl_before']:.2f} -> {r['ppl_after']:.2f} (ONNX {r['ppl_after_onnx']:.2f})")
@@ -458,6 +462,8 @@ def _add_compile(sub) -> None:
     g.add_argument("--checkpointing", action="store_true",
                    help="activation checkpointing in every backward pass (scoring, fine-tuning): recompute each "
                         "decoder layer instead of keeping its activations; less memory, about one more forward")
+    g.add_argument("--lora-dropout", type=float, default=Defaults.lora_dropout,
+                   help="dropout on the adapters' input while fine-tuning (0: every step deterministic)")
     _add_distill_args(g)
     g.add_argument("--keep-adapter", action="store_true",
                    help="lora: keep the pruned adapter apart (OUT/adapter) instead of merging it into OUT/model")
@@ -478,6 +484,9 @@ def _add_compile(sub) -> None:
                    help="the ONNX graphs' deployment target: cpu = standard Attention op, cuda = GroupQueryAttention")
     g.add_argument("--genai", action="store_true",
                    help="also write OUT/genai, the folder ONNX Runtime GenAI runs, and bench it")
+    p.add_argument("--collective-timeout", type=float, default=Defaults.collective_timeout, metavar="SECONDS",
+                   help="under `accelerate launch` (several processes): how long any process waits for the others "
+                        "at one collective before it gives up")
     p.add_argument("--seed", type=int, default=Defaults.seed)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_compile)
@@ -597,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"loraprune {args.command}: interrupted", file=sys.stderr)
             return 130
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"loraprune {args.command}: error: {message}", file=sys.stderr)
+        print(f"loraprune {args.command}: error: {_rank()}{message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"loraprune {args.command}: interrupted", file=sys.stderr)
@@ -605,6 +614,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _rank() -> str:
+    """'rank N: ' in a process of a multi-process launch (torchrun / accelerate set RANK), else nothing."""
+    return f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ per-process means would not be. It also leaves the model unwrapped: no `accelera
 bucket set-up that snapshots `requires_grad` at wrap time (the scorer flips it: factors on, base off), and
 base weights never get a `.grad`.
 
+The main job (`accelerate launch ... -m loraprune compile ...`) uses the same reduction in every fine-tuning step
+(`loraprune.parallel.DataParallel`).
+
 Mapping to GPUs: the same code runs unchanged under `accelerate launch --multi_gpu --num_processes N -m
 loraprune.distributed ...` (NCCL; put the model on `accelerator.device` first, as `main` does), and with a
 DeepSpeed ZeRO-1/2 or FSDP config as long as every process holds the full base weights. Not built: with
@@ -40,87 +43,14 @@ from torch import nn
 from loraprune.ir.groups import ChannelGroup
 from loraprune.lora.adapters import lora_layers, lora_params
 from loraprune.lora.training import GradientStats, causal_lm_loss
+from loraprune.parallel import local_backward, reduce_gradients, shard_step
 from loraprune.passes.criteria import GroupScores
 from loraprune.passes.criteria.lora import lora_criterion
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-__all__ = ["accelerated_lora_scores", "main", "shard_step", "target_tokens", "tiny_batches", "tiny_llama_model"]
-
-Batch = torch.Tensor | dict
-
-
-# ----------------------------------------------------------------------------------------------- sharding
-
-def _split_rows(batch: Batch, world: int, rank: int) -> Batch | None:
-    """Rank `rank`'s contiguous slice of the rows (torch.tensor_split: sizes differ by at most one);
-    None when the slice is empty, so a process with no rows still joins the all-reduce with zeros."""
-    if isinstance(batch, dict):
-        parts = {k: torch.tensor_split(v, world)[rank] if isinstance(v, torch.Tensor) else v
-                 for k, v in batch.items()}
-        return parts if parts["input_ids"].shape[0] else None
-    rows = batch[None] if batch.dim() == 1 else batch
-    part = torch.tensor_split(rows, world)[rank]
-    return part if part.shape[0] else None
-
-
-def shard_step(step: Batch | Sequence[Batch], world: int, rank: int) -> list[Batch]:
-    """This process's micro-batches of one step: a tensor / dict step is split by rows, a list or tuple of
-    micro-batches is dealt round-robin (micro-batch j goes to rank j % world)."""
-    if isinstance(step, (list, tuple)):
-        return list(step[rank::world])
-    part = _split_rows(step, world, rank)
-    return [] if part is None else [part]
-
-
-def target_tokens(batch: Batch) -> int:
-    """Number of predicted tokens `causal_lm_loss` averages over (same label rules: -100 and padding skipped),
-    the weight of this micro-batch's mean loss in the step's mean loss."""
-    if isinstance(batch, dict):
-        labels, mask = batch.get("labels"), batch.get("attention_mask")
-        if labels is not None:
-            return int((labels[:, 1:] != -100).sum())
-        if mask is not None:
-            return int((mask[:, 1:] != 0).sum())
-        ids = batch["input_ids"]
-    else:
-        ids = batch[None] if batch.dim() == 1 else batch
-    return int(ids[:, 1:].numel())
-
-
-# ----------------------------------------------------------------------------------------------- one step
-
-def _reduce_gradients(params: list[nn.Parameter], tokens: int, accelerator: Accelerator) -> float:
-    """Token-weighted global mean of the factor gradients, written back into `.grad` on every rank.
-
-    Local grads hold n_local·grad(local mean loss) (zeros if this rank had no rows); one all-reduce (sum) of
-    [grads..., n_local] on `accelerator.device` gives sum_r n_r·g_r and N, and grad := that / N. Returns N.
-    """
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().flatten()
-                      for p in params] + [torch.tensor([float(tokens)], device=params[0].device)])
-    total = accelerator.reduce(flat.to(accelerator.device), reduction="sum").to(params[0].device)
-    n = float(total[-1])
-    grads = total[:-1] / max(n, 1.0)
-    offset = 0
-    for p in params:
-        size = p.numel()
-        p.grad = grads[offset:offset + size].view_as(p).to(p.dtype)
-        offset += size
-    return n
-
-
-def _local_backward(model: nn.Module, micro: list[Batch]) -> int:
-    """Backward of sum over this rank's micro-batches of n_mb·mean loss (= summed token losses). Returns the
-    local token count."""
-    tokens = 0
-    for batch in micro:
-        n = target_tokens(batch)
-        if n == 0:
-            continue
-        (causal_lm_loss(model, batch) * n).backward()
-        tokens += n
-    return tokens
+__all__ = ["accelerated_lora_scores", "main", "tiny_batches", "tiny_llama_model"]
 
 
 # ----------------------------------------------------------------------------------------------- the criterion
@@ -152,8 +82,8 @@ def accelerated_lora_scores(model: nn.Module, groups: list[ChannelGroup], batche
     def backward(work: nn.Module, step) -> None:
         micro = shard_step(step, world, rank) if shard else (
             list(step) if isinstance(step, (list, tuple)) else [step])
-        tokens = _local_backward(work, micro)
-        _reduce_gradients(lora_params(lora_layers(work)), tokens, accelerator)
+        tokens, _ = local_backward(work, micro, causal_lm_loss)
+        reduce_gradients(lora_params(lora_layers(work)), tokens, accelerator)
 
     return lora_criterion(model, groups, batches=batches, seed=seed, lam=lam, batch_size=batch_size, stats=stats,
                           r=r, alpha=alpha, backward=backward)

@@ -12,13 +12,16 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from loraprune.data import Corpus, TextTokenizer, token_windows
+
+if TYPE_CHECKING:
+    from loraprune.parallel import DataParallel
 
 DEFAULT_PROMPTS = (
     "The import statement",
@@ -39,12 +42,13 @@ class PerplexityResult:
 
 
 def perplexity(model: Callable[..., Any], windows: torch.Tensor, batch_size: int = 4,
-               progress: bool = True) -> PerplexityResult:
+               progress: bool = True, parallel: DataParallel | None = None) -> PerplexityResult:
     """Mean next-token NLL inside each window, and its exp.
 
     Each window is scored on its own (no context carried over), so the result does not depend on batch size.
     Modules are measured in eval mode (dropout off) and their previous mode is restored afterwards, so this
-    can run in the middle of fine-tuning.
+    can run in the middle of fine-tuning. With `parallel` each process scores its share of the windows and the
+    NLL sums are reduced: every process returns the same figure.
     """
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise ValueError(f"windows must be a non-empty [n, window>=2] tensor, got {tuple(windows.shape)}")
@@ -52,14 +56,17 @@ def perplexity(model: Callable[..., Any], windows: torch.Tensor, batch_size: int
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     device = _device_of(model)
     total = 0.0
-    starts = range(0, windows.shape[0], batch_size)
+    mine = windows if parallel is None else parallel.shard(windows)
+    starts = range(0, mine.shape[0], batch_size)
     with torch.no_grad(), _eval_mode(model):
         for start in tqdm(starts, desc="perplexity", unit="batch", disable=not progress):
-            ids = windows[start:start + batch_size].to(device)
+            ids = mine[start:start + batch_size].to(device)
             logits = _logits(model, ids)[:, :-1].float()
             targets = ids[:, 1:]
             total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                      reduction="sum").item()
+    if parallel is not None:
+        total = parallel.sum(total)
     tokens = windows.shape[0] * (windows.shape[1] - 1)
     nll = total / tokens
     return PerplexityResult(ppl=math.exp(nll), nll=nll, windows=windows.shape[0], window_len=windows.shape[1],

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -41,6 +42,9 @@ from tqdm.auto import tqdm
 from loraprune.config import CONFIGS, PruneConfig, check_distillation, make_config
 from loraprune.device import Placement, resolve
 from loraprune.lora.adapters import LORA_INITS, is_peft_model
+
+if TYPE_CHECKING:
+    from loraprune.parallel import DataParallel
 
 __all__ = ["COMPILE_MARKER", "CompileOptions", "compile_model"]
 
@@ -76,6 +80,8 @@ class CompileOptions:
     checkpointing: bool = False  # recompute each decoder layer in backward passes: less memory, ~1 more forward
     distill: float = 0.0  # share of KL(dense teacher || student) in the fine-tuning loss; 0 = next-token only
     temperature: float = 1.0  # of the distillation loss
+    lora_dropout: float = 0.05  # on the adapters' input while fine-tuning (0: each step is deterministic)
+    collective_timeout: float = 1800.0  # seconds any one collective of a multi-process launch may wait
     eval_window: int = 256
     eval_windows: int = 64
     gen_tokens: int = 24
@@ -114,6 +120,8 @@ class CompileOptions:
         for name in ("window", "eval_window"):
             if getattr(self, name) < 2:
                 raise ValueError(f"{name} must be >= 2 tokens, got {getattr(self, name)}")
+        if self.collective_timeout <= 0:
+            raise ValueError(f"collective_timeout must be > 0, got {self.collective_timeout!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         check_distillation(self.distill, self.temperature)
@@ -131,7 +139,7 @@ class CompileOptions:
                            cooldown=self.cooldown, lr=self.lr, r=self.lora_r,
                            alpha=self.lora_alpha, init=self.lora_init, batch_size=self.batch_size,
                            checkpointing=self.checkpointing, merge=not self.keep_adapter, progress=self.progress,
-                           distill=self.distill, temperature=self.temperature)
+                           distill=self.distill, temperature=self.temperature, dropout=self.lora_dropout)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -165,15 +173,23 @@ def _base_config(model: nn.Module):
     return (model.get_base_model() if is_peft_model(model) else model).config
 
 
-def compile_model(options: CompileOptions, loaded=None) -> dict:
+def compile_model(options: CompileOptions, loaded=None) -> dict | None:
     """Run the whole pipeline; return the report (also written to `<out>/report.json`).
 
     `loaded` (a `LoadedModel`) bypasses loading from `options.model`: for callers that already hold a model.
+    Under `accelerate launch` (several processes) every fine-tuning step and the PyTorch evaluation are
+    data-parallel, the first process writes the output while the others wait, and those others return None.
     """
     from loraprune.data import load_corpus, load_out_of_domain
     from loraprune.models.load import load_model
     from loraprune.outputs import check_target, staged_folder
+    from loraprune.parallel import launched
 
+    parallel = launched(options.device, options.collective_timeout)
+    writes = parallel is None or parallel.is_main
+    if not writes:
+        options = dataclasses.replace(options, progress=False)
+    device = options.device if parallel is None else str(parallel.accelerator.device)
     out = Path(options.out)
     check_target(out, options.force, COMPILE_MARKER)  # before minutes of work
     threads_before = torch.get_num_threads()
@@ -185,17 +201,22 @@ def compile_model(options: CompileOptions, loaded=None) -> dict:
         hf_logging.disable_progress_bar()
     skipped = {"trace_and_dependency"} if _iterative(options) else set()
     skipped |= set() if options.bench else {"bench"}
-    stages = _Stages(options.progress, len(STAGES) - len(skipped))
+    stages = _Stages(options.progress, len(STAGES) + 1 - len(skipped))  # evaluate runs twice: torch, then ORT
     try:
         with stages("load"):
             corpus = load_corpus(options.data or None)  # bad files fail before the model is read
             ood = load_out_of_domain(options.ood_data or None)
             if loaded is None:
-                loaded = load_model(options.model, adapter=options.adapter, device=options.device, dtype=options.dtype,
+                loaded = load_model(options.model, adapter=options.adapter, device=device, dtype=options.dtype,
                                     trust_remote_code=options.trust_remote_code)
             data = _load_data(options, corpus, ood, loaded.tokenizer)
-        with staged_folder(out, options.force, COMPILE_MARKER) as tmp:
-            report = _run(options, loaded, data, stages, tmp)
+        if writes:
+            with staged_folder(out, options.force, COMPILE_MARKER) as tmp:
+                report = _run(options, loaded, data, stages, tmp, parallel)
+        else:
+            report = _run(options, loaded, data, stages, None, parallel)
+        if parallel is not None:
+            parallel.wait()  # until the output is in place; a process that failed ends the others here
     finally:
         stages.close()
         torch.set_num_threads(threads_before)
@@ -239,7 +260,10 @@ def _load_data(options: CompileOptions, corpus, ood, tokenizer) -> _Data:
                  None if ood is None else ood.source, ood_windows, train[:1, :16])
 
 
-def _run(options: CompileOptions, loaded, data: _Data, stages: _Stages, tmp: Path) -> dict:
+def _run(options: CompileOptions, loaded, data: _Data, stages: _Stages, tmp: Path | None,
+         parallel: DataParallel | None) -> dict | None:
+    """The job after loading. `tmp` is the staged output folder; None on a process that takes its share of the
+    steps and of the evaluation and writes nothing (then this returns None after the PyTorch evaluation)."""
     from loraprune.models.save import save_pretrained
     from loraprune.passes.dependency import analyze
 
@@ -250,12 +274,18 @@ def _run(options: CompileOptions, loaded, data: _Data, stages: _Stages, tmp: Pat
         with stages("trace_and_dependency"):
             analysis = analyze(dense, (data.example,))
     with stages("prune", options.criterion):
-        result, finetune = _prune(options, loaded.model, dense, analysis, data, config)
+        result, finetune = _prune(options, loaded.model, dense, analysis, data, config, parallel)
     with stages("save"):
-        saved = _split_adapter(result, tmp / "adapter") if options.keep_adapter else result.model
-        save_pretrained(saved, tmp / "model", plan=result.plan, dense_config=_base_config(loaded.model),
-                        tokenizer=loaded.tokenizer)
+        adapter_dir = None if tmp is None else tmp / "adapter"
+        saved = _split_adapter(result, adapter_dir) if options.keep_adapter else result.model
+        if tmp is not None:
+            save_pretrained(saved, tmp / "model", plan=result.plan, dense_config=_base_config(loaded.model),
+                            tokenizer=loaded.tokenizer)
     compact = result.model.eval()
+    with stages("evaluate"):
+        quality = _perplexities(options, dense, compact, data, parallel)
+    if tmp is None:
+        return None
     with stages("export"):
         from loraprune.runtime.export import export_decode, export_prefill, graph_name
 
@@ -266,13 +296,14 @@ def _run(options: CompileOptions, loaded, data: _Data, stages: _Stages, tmp: Pat
 
             export_genai(compact, tmp / "genai", tokenizer=loaded.tokenizer, target=options.target)
     with stages("evaluate"):
-        quality = _evaluate(options, dense, compact, onnx_paths, loaded.tokenizer, data)
+        quality |= _evaluate(options, dense, compact, onnx_paths, loaded.tokenizer, data)
     bench = None
     if options.bench:
         with stages("bench", f"grid {options.bench_grid}"):
             bench = _bench(options, dense, compact, onnx_paths, tmp)
     with stages("report"):
         report = _report(options, loaded, data, result, finetune, quality, bench, stages.timings)
+        report["processes"] = 1 if parallel is None else parallel.world
         _write_json(tmp / "report.json", report)
         _plots(report, tmp)
         (tmp / "report.md").write_text(render_markdown(report))
@@ -280,18 +311,19 @@ def _run(options: CompileOptions, loaded, data: _Data, stages: _Stages, tmp: Pat
 
 
 def _prune(options: CompileOptions, model: nn.Module, dense: nn.Module, analysis, data: _Data,
-           config: PruneConfig):
+           config: PruneConfig, parallel: DataParallel | None = None):
     """(PruneResult, fine-tuning record). LoRAPrune's iterative schedule for "lora" with steps > 0; else the
-    one-shot criterion, then LoRA recovery with the same budget."""
+    one-shot criterion (the same on every process), then LoRA recovery with the same budget. With `parallel`
+    every fine-tuning step is data-parallel."""
     from loraprune.api import prune
     from loraprune.lora.distill import Distillation, ModelTeacher
-    from loraprune.lora.training import lora_recover
+    from loraprune.lora.training import causal_lm_loss, lora_recover
 
     if _iterative(options):
         # an input adapter is kept unmerged here: its factors seed the LoRA that scores and recovers
-        result = prune(model, (data.example,), config, batches=data.train)
+        result = prune(model, (data.example,), config, batches=data.train, parallel=parallel)
         finetune = {"kind": "lora_prune", "steps": options.steps, "distill": options.distill,
-                    "teacher_bytes": result.report.teacher_bytes,
+                    "teacher_bytes": result.report.teacher_bytes, **_communicated(parallel, options.steps),
                     "points": [{"step": h["step"], "loss": h["loss"], "ratio": h["ratio"]}
                                for h in result.report.history]}
         return result, finetune
@@ -303,24 +335,35 @@ def _prune(options: CompileOptions, model: nn.Module, dense: nn.Module, analysis
         recovered, losses = lora_recover(result.model, data.train, steps=options.steps, lr=options.lr,
                                          r=options.lora_r, alpha=options.lora_alpha, init=options.lora_init,
                                          seed=options.seed, batch_size=options.batch_size, progress=options.progress,
-                                         checkpointing=options.checkpointing, distillation=distillation)
+                                         checkpointing=options.checkpointing,
+                                         loss_fn=causal_lm_loss if distillation is None else distillation.loss,
+                                         dropout=options.lora_dropout, parallel=parallel)
         result.model = recovered
         result.report.teacher_bytes = 0 if teacher is None else teacher.bytes
         finetune = {"kind": "lora_recover", "steps": options.steps, "distill": options.distill,
-                    "teacher_bytes": result.report.teacher_bytes,
+                    "teacher_bytes": result.report.teacher_bytes, **_communicated(parallel, options.steps),
                     "points": [{"step": i + 1, "loss": v, "ratio": options.ratio} for i, v in enumerate(losses)]}
     return result, finetune
 
 
-def _split_adapter(result, adapter_dir: Path) -> nn.Module:
-    """Save the pruned adapter of an unmerged LoRA result to `adapter_dir`; turn the result into its merged,
-    plain-named form (what is evaluated and exported) and return the compact base model to save beside it."""
+def _communicated(parallel: DataParallel | None, steps: int) -> dict:
+    """Bytes one process sent into the gradient all-reduces per step (none for a single process)."""
+    if parallel is None:
+        return {}
+    return {"processes": parallel.world, "allreduce_bytes_per_step": parallel.communicated_bytes / max(steps, 1)}
+
+
+def _split_adapter(result, adapter_dir: Path | None) -> nn.Module:
+    """Save the pruned adapter of an unmerged LoRA result to `adapter_dir` (None: a process that writes nothing);
+    turn the result into its merged, plain-named form (what is evaluated and exported) and return the compact
+    base model to save beside it."""
     from loraprune.lora.adapters import plain_groups, plain_name, plain_plan
 
     peft_model = result.model
     for config in peft_model.peft_config.values():  # saved beside the base it completes (a PiSSA residual
         config.init_lora_weights = True             # too): loading must not initialise it again
-    peft_model.save_pretrained(adapter_dir)
+    if adapter_dir is not None:
+        peft_model.save_pretrained(adapter_dir)
     result.model = copy.deepcopy(peft_model).merge_and_unload()
     result.plan, result.groups = plain_plan(result.plan), plain_groups(result.groups)
     result.kept_units = {plain_name(k): v for k, v in result.kept_units.items()}
@@ -343,10 +386,31 @@ def ort_logits(session):
     return run
 
 
+def _perplexities(options: CompileOptions, dense: nn.Module, compact: nn.Module, data: _Data,
+                  parallel: DataParallel | None) -> dict:
+    """Held-out perplexity of dense and compact in PyTorch, in-domain and out-of-domain, with their protocol
+    (data-parallel over the processes of a launch)."""
+    from loraprune.evaluate import perplexity
+
+    def ppl(model, windows):
+        return perplexity(model, windows, progress=options.progress, parallel=parallel)
+
+    before, after = ppl(dense, data.held_out), ppl(compact, data.held_out)
+    protocol = {"window": before.window_len, "windows": before.windows, "tokens": before.tokens,
+                "text": f"held-out split of {data.source}"}
+    ood: dict = {"ppl_before_ood": None, "ppl_after_ood": None, "eval_ood": None}
+    if data.ood is not None:
+        ood_before = ppl(dense, data.ood)
+        ood = {"ppl_before_ood": ood_before.ppl, "ppl_after_ood": ppl(compact, data.ood).ppl,
+               "eval_ood": {"window": ood_before.window_len, "windows": ood_before.windows,
+                            "tokens": ood_before.tokens, "text": f"out-of-domain: {data.ood_source}"}}
+    return {"ppl_before": before.ppl, "ppl_after": after.ppl, **ood, "eval": protocol}
+
+
 def _evaluate(options: CompileOptions, dense: nn.Module, compact: nn.Module, onnx_paths: dict, tokenizer,
               data: _Data) -> dict:
-    """Held-out perplexity of dense, compact (torch) and compact (ONNX Runtime); ONNX logit parity; greedy
-    generations of dense and compact, and whether ORT's KV-cache loop writes the same tokens as torch."""
+    """Held-out perplexity of the compact model in ONNX Runtime and ONNX logit parity; greedy generations of
+    dense and compact, and whether ORT's KV-cache loop writes the same tokens as torch."""
     from loraprune.evaluate import DEFAULT_PROMPTS, perplexity, sample_generations
     from loraprune.passes.verify import compare_logits, logits, model_dtype
     from loraprune.runtime.attention import attention_summary
@@ -354,10 +418,7 @@ def _evaluate(options: CompileOptions, dense: nn.Module, compact: nn.Module, onn
     from loraprune.runtime.session import make_session
 
     session = make_session(onnx_paths["prefill"], threads=options.threads)
-    progress = options.progress
-    before = perplexity(dense, data.held_out, progress=progress)
-    after = perplexity(compact, data.held_out, progress=progress)
-    after_onnx = perplexity(ort_logits(session), data.held_out, progress=progress)
+    after_onnx = perplexity(ort_logits(session), data.held_out, progress=options.progress)
     probe = data.held_out[:2]
     dtype = model_dtype(compact)
     parity = compare_logits(logits(compact, (probe,)), ort_logits(session)(probe).float(), dtype=dtype)
@@ -379,16 +440,7 @@ def _evaluate(options: CompileOptions, dense: nn.Module, compact: nn.Module, onn
             onnx_text = tokenizer.decode(new, skip_special_tokens=True)
             generations.append({"prompt": prompt, "dense": d["completion"], "compact": c["completion"],
                                 "compact_onnx": onnx_text, "onnx_matches_torch": onnx_text == c["completion"]})
-    protocol = {"window": before.window_len, "windows": before.windows, "tokens": before.tokens,
-                "text": f"held-out split of {data.source}"}
-    ood: dict = {"ppl_before_ood": None, "ppl_after_ood": None, "eval_ood": None}
-    if data.ood is not None:
-        ood_before = perplexity(dense, data.ood, progress=progress)
-        ood = {"ppl_before_ood": ood_before.ppl, "ppl_after_ood": perplexity(compact, data.ood, progress=progress).ppl,
-               "eval_ood": {"window": ood_before.window_len, "windows": ood_before.windows,
-                            "tokens": ood_before.tokens, "text": f"out-of-domain: {data.ood_source}"}}
-    return {"ppl_before": before.ppl, "ppl_after": after.ppl, "ppl_after_onnx": after_onnx.ppl, **ood,
-            "eval": protocol, "onnx_parity": parity, "generations": generations,
+    return {"ppl_after_onnx": after_onnx.ppl, "onnx_parity": parity, "generations": generations,
             "onnx_attention": {name: attention_summary(path) for name, path in onnx_paths.items()}}
 
 

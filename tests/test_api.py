@@ -54,7 +54,7 @@ def test_configs_validate_themselves(build, needle):
 
 
 def test_every_config_is_a_selection_with_options_of_its_own():
-    assert set(CONFIGS) == {"magnitude", "random", "taylor", "lora"}
+    assert set(CONFIGS) == {"magnitude", "random", "taylor", "activation", "flap", "lora"}
     config = make_config("taylor", ratio=0.4, steps=10, lr=1.0, checkpointing=True)  # steps, lr: not Taylor's
     assert isinstance(config, TaylorConfig) and config.checkpointing and config.ratio == 0.4
     assert config.selection() == SelectConfig(ratio=0.4)

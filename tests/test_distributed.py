@@ -1,9 +1,11 @@
 """Data-parallel LoRA importance on HF Accelerate: one process equals `lora_criterion`, two gloo processes launched
 with `accelerate launch` equal one process that sees both ranks' rows."""
 
+import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -12,8 +14,9 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from loraprune import analyze
-from loraprune.distributed import accelerated_lora_scores, shard_step, tiny_batches, tiny_llama_model
+from loraprune.distributed import accelerated_lora_scores, tiny_batches, tiny_llama_model
 from loraprune.lora.adapters import add_lora, lora_layers
+from loraprune.parallel import shard_step
 from loraprune.passes.criteria.lora import lora_criterion
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -79,20 +82,25 @@ def test_micro_batches_weighted_by_tokens_equal_the_concatenated_step(accelerato
     assert lora_layers(model) and all(p.grad is None and not p.requires_grad for p in base)
 
 
-def test_two_accelerate_processes_equal_one_process_on_the_union(tmp_path):
-    out = tmp_path / "scores.npz"
+def launch_two(tmp_path, *program: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`accelerate launch` of two local gloo processes running `program` (a `-m module ...` or a script)."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("ACCELERATE_", "WORLD_SIZE", "RANK", "LOCAL_", "MASTER_", "TORCHELASTIC"))}
     env |= {"OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"), "TOKENIZERS_PARALLELISM": "false"}
     # `--cpu --num_processes 2` would run ONE process in accelerate 1.15 (its simple launcher needs an MPI hostfile
-    # for multi-CPU); the torchrun-based `--multi_gpu` launcher starts two, and the script's `--cpu` makes them gloo
-    # CPU processes. HF_HOME in tmp: no accelerate default config from the user's home is read.
+    # for multi-CPU); the torchrun-based `--multi_gpu` launcher starts two, and the program's CPU flag makes them
+    # gloo CPU processes. HF_HOME in tmp: no accelerate default config from the user's home is read.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           "-m", "loraprune.distributed", "--cpu", "--tiny-test", str(out), "--steps", "3", "--rows", "4",
-           "--seq", "16"]
-    proc = subprocess.run(cmd, env=env, cwd=os.path.dirname(os.path.dirname(__file__)), capture_output=True,
-                          text=True, timeout=180)
+           *program]
+    return subprocess.run(cmd, env=env, cwd=os.path.dirname(os.path.dirname(__file__)), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_two_accelerate_processes_equal_one_process_on_the_union(tmp_path):
+    out = tmp_path / "scores.npz"
+    proc = launch_two(tmp_path, "-m", "loraprune.distributed", "--cpu", "--tiny-test", str(out), "--steps", "3",
+                      "--rows", "4", "--seq", "16", timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     saved = np.load(out)
     assert int(saved["world_size"]) == 2
@@ -110,3 +118,85 @@ def test_two_accelerate_processes_equal_one_process_on_the_union(tmp_path):
                                    err_msg=name)
     for name, ref in want.kv.items():
         np.testing.assert_allclose(saved[f"kv:{name}"], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(), err_msg=name)
+
+
+# ----------------------------------------------------------------------------------------------- the main job
+
+COMPILE = ["--ratio", "0.5", "--steps", "6", "--batch-size", "4", "--window", "16", "--lora-dropout", "0",
+           "--distill", "0.5", "--eval-window", "32", "--eval-windows", "5", "--gen-tokens", "0", "--no-bench",
+           "--threads", "1", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_folder(tmp_path_factory):
+    from zoo import save_with_tokenizer, tiny_llama
+
+    folder = tmp_path_factory.mktemp("models") / "tiny"
+    torch.manual_seed(0)
+    save_with_tokenizer(tiny_llama(layers=2), folder)
+    return folder
+
+
+def test_two_process_compile_equals_one_process_and_writes_once(tiny_model_folder, tmp_path):
+    from safetensors.torch import load_file
+
+    from loraprune.cli import main
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["compile", str(tiny_model_folder), "--out", str(one), *COMPILE]) == 0
+    proc = launch_two(tmp_path, "-m", "loraprune", "compile", str(tiny_model_folder), "--out", str(two), *COMPILE)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert proc.stdout.count("wrote ") == 1  # one process wrote and reported; the other waited
+    assert (one / "model" / "loraprune_plan.json").read_text() == (two / "model" / "loraprune_plan.json").read_text()
+    a, b = load_file(one / "model" / "model.safetensors"), load_file(two / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4, msg=name)
+    r1, r2 = (json.loads((d / "report.json").read_text()) for d in (one, two))
+    assert (r1["processes"], r2["processes"]) == (1, 2)
+    for key in ("ppl_before", "ppl_after", "ppl_before_ood", "ppl_after_ood"):  # evaluation sharded, then reduced
+        assert r2[key] == pytest.approx(r1[key], rel=1e-4), key
+    # one all-reduce per step of the LoRA factors' gradients (fp32) and two counters: the factor size, no more
+    factors = sum(8 * (m.in_features + m.out_features) for name, m in load_pretrained_dense(tiny_model_folder))
+    assert r2["finetune"]["allreduce_bytes_per_step"] == 4 * (factors + 2)
+    assert not list(tmp_path.glob(".two.tmp-*"))
+
+
+def load_pretrained_dense(folder):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"]
+
+
+FAILING_RANK = """
+import os, sys
+from loraprune import pipeline
+from loraprune.cli import main
+
+real = pipeline._perplexities
+
+
+def failing(*args, **kwargs):  # rank 1 fails in the middle of the sharded evaluation
+    if os.environ["RANK"] == "1":
+        raise ValueError("injected failure")
+    return real(*args, **kwargs)
+
+
+pipeline._perplexities = failing
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_rank_that_fails_stops_every_process_and_leaves_nothing(tiny_model_folder, tmp_path):
+    script = tmp_path / "failing_rank.py"
+    script.write_text(FAILING_RANK)
+    out = tmp_path / "out"
+    start = time.monotonic()
+    proc = launch_two(tmp_path, str(script), "compile", str(tiny_model_folder), "--out", str(out), *COMPILE,
+                      "--collective-timeout", "60")
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 200  # no hang: the launcher ends the other process
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("loraprune compile: error:")]
+    assert "loraprune compile: error: rank 1: injected failure" in lines, proc.stderr[-4000:]
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))  # nothing half-written

@@ -91,7 +91,7 @@ def test_recovery_by_distillation_moves_the_pruned_model_toward_the_teacher():
     teacher = ModelTeacher(model)
     gap = [distillation_loss(logits(m, batches[0]), teacher(batches[0])).item() for m in (pruned,)]
     recovered, losses = lora_recover(pruned, batches, steps=20, lr=1e-3, progress=False,
-                                     distillation=Distillation(teacher, weight=1.0, temperature=2.0))
+                                     loss_fn=Distillation(teacher, weight=1.0, temperature=2.0).loss)
     gap.append(distillation_loss(logits(recovered, batches[0]), teacher(batches[0])).item())
     assert gap[1] < gap[0] and len(losses) == 20
     assert teacher.bytes == sum(p.numel() * 4 for p in model.parameters())

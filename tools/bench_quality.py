@@ -150,7 +150,7 @@ def quality(args, out: Path) -> dict:
     from loraprune.config import LoRAPruneConfig, make_config
     from loraprune.evaluate import perplexity
     from loraprune.lora.distill import Distillation, ModelTeacher
-    from loraprune.lora.training import lora_recover
+    from loraprune.lora.training import causal_lm_loss, lora_recover
     from loraprune.passes.dependency import analyze
 
     loaded, corpus, batches, evals, example = _setup(args)
@@ -182,8 +182,8 @@ def quality(args, out: Path) -> dict:
             teacher_bytes = result.report.teacher_bytes
         else:
             teacher = ModelTeacher(dense) if distill else None
-            recovered, _ = lora_recover(one_shot.model, batches, **lora_kwargs, distillation=None if teacher is None
-                                        else Distillation(teacher, weight=distill, temperature=args.temperature))
+            loss = causal_lm_loss if teacher is None else Distillation(teacher, distill, args.temperature).loss
+            recovered, _ = lora_recover(one_shot.model, batches, **lora_kwargs, loss_fn=loss)
             params_recovered = count_params(recovered)
             teacher_bytes = 0 if teacher is None else teacher.bytes
         seconds = time.perf_counter() - start
@@ -310,7 +310,7 @@ def _plot(results: dict, path: Path) -> None:
 
 
 def main() -> None:
-    from loraprune.passes.lora_importance import LORA_INITS
+    from loraprune.lora.adapters import LORA_INITS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.5])

@@ -20,7 +20,7 @@ from loraprune.lora.adapters import add_lora, lora_layers, lora_params
 from loraprune.passes.checkpointing import activation_checkpointing
 
 if TYPE_CHECKING:
-    from loraprune.lora.distill import Distillation
+    from loraprune.parallel import DataParallel
 
 __all__ = ["GradientStats", "as_batches", "batch_inputs", "causal_lm_loss", "device_of", "gradient_bytes",
            "lora_recover", "next_token_loss", "output_logits", "train_step"]
@@ -101,10 +101,18 @@ def causal_lm_loss(model: nn.Module, batch: torch.Tensor | dict) -> torch.Tensor
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch,
                after_backward: Callable[[], None] | None = None,
-               loss_fn: Callable[[nn.Module, object], torch.Tensor] = causal_lm_loss) -> float:
+               loss_fn: Callable[[nn.Module, object], torch.Tensor] = causal_lm_loss,
+               parallel: DataParallel | None = None) -> float:
     """One AdamW step on `loss_fn` of `batch` (the causal-LM loss, or a `Distillation`'s); `after_backward` reads
-    the gradients before the step."""
+    the gradients before the step. With `parallel`, this process takes its rows of the batch and the gradients
+    are reduced over all processes first, so every process takes the same step."""
     optimizer.zero_grad(set_to_none=True)
+    if parallel is not None:
+        value = parallel.backward(model, batch, loss_fn, [p for g in optimizer.param_groups for p in g["params"]])
+        if after_backward is not None:
+            after_backward()
+        optimizer.step()
+        return value
     loss = loss_fn(model, batch)
     loss.backward()
     if after_backward is not None:
@@ -116,15 +124,16 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch,
 def lora_recover(model: nn.Module, batches, *, steps: int, lr: float = 1e-4, r: int = 8, alpha: int = 16,
                  target: Sequence[str] | None = None, dropout: float = 0.05, seed: int = 0, batch_size: int = 4,
                  merge: bool = True, progress: bool = True, checkpointing: bool = False,
-                 init: str = "pissa", distillation: Distillation | None = None) -> tuple[nn.Module, list[float]]:
+                 init: str = "pissa", loss_fn: Callable[[nn.Module, object], torch.Tensor] = causal_lm_loss,
+                 parallel: DataParallel | None = None) -> tuple[nn.Module, list[float]]:
     """LoRA recovery fine-tuning of an (already pruned) model: the baselines' counterpart of the schedule.
 
     Same optimiser, loss, batches and step count as `iterative_prune`, so a one-shot criterion followed by this
     gets the same fine-tuning budget as LoRA-guided pruning. Works on a copy; returns (model, loss per step),
     the model merged into plain weights unless `merge` is False (then a PeftModel). `checkpointing`
     recomputes each decoder layer in the backward pass instead of keeping its activations; `init` is how the
-    factors start (`LORA_INITS`); with `distillation` each step minimises its loss (against its teacher, the
-    dense model) instead of the next-token loss.
+    factors start (`LORA_INITS`); `loss_fn` is what each step minimises (the next-token loss, or a
+    `Distillation`'s loss against the dense model); with `parallel` every step is data-parallel (`train_step`).
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
@@ -139,7 +148,7 @@ def lora_recover(model: nn.Module, batches, *, steps: int, lr: float = 1e-4, r: 
         bar = tqdm(range(1, steps + 1), desc="lora-recover", unit="step", disable=not progress)
         for step in bar:
             losses.append(train_step(work, optimizer, batches[(step - 1) % len(batches)],
-                                     loss_fn=causal_lm_loss if distillation is None else distillation.loss))
+                                     loss_fn=loss_fn, parallel=parallel))
             bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
         bar.close()
         optimizer.zero_grad(set_to_none=True)

@@ -7,6 +7,7 @@ the rewrite produces; removed units never come back.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ from loraprune.passes.criteria.lora import LoRAScorer
 from loraprune.passes.criteria.scores import GroupScores
 from loraprune.passes.masking import Masker
 from loraprune.passes.select import SelectConfig, select_units
+
+if TYPE_CHECKING:
+    from loraprune.parallel import DataParallel
 
 __all__ = ["DenseTeacher", "cubic_ratio", "iterative_prune"]
 
@@ -94,7 +98,8 @@ def iterative_prune(model: nn.Module, analysis, batches, *, ratio: float, config
                     steps: int, lr: float = 1e-4, update_every: int = 10, warmup: float = 0.1, cooldown: float = 0.1,
                     lam: float = 0.9, progress: bool = True, seed: int = 0, batch_size: int = 4,
                     weight_decay: float = 0.0, checkpointing: bool = False, distill: float = 0.0,
-                    temperature: float = 1.0) -> tuple[dict[str, np.ndarray], list[dict]]:
+                    temperature: float = 1.0, parallel: DataParallel | None = None,
+                    ) -> tuple[dict[str, np.ndarray], list[dict]]:
     """Fine-tune the LoRA factors of the PEFT `model` (in place) while its masks grow to `ratio`.
 
     AdamW on the LoRA factors only, causal-LM loss, one batch per step (cycling through `batches`). The
@@ -105,7 +110,9 @@ def iterative_prune(model: nn.Module, analysis, batches, *, ratio: float, config
     Once the masks reach `ratio`, the remaining steps (the cool-down) fine-tune only: no scoring, no updates.
     The final kept counts are those `select_units` gives for `ratio`; `checkpointing` as in `lora_recover`.
     `distill` > 0 recovers by distillation from the dense model (`DenseTeacher`: one more no-grad forward per
-    step, no second model), that share of the loss being KL(teacher || student) at `temperature`.
+    step, no second model), that share of the loss being KL(teacher || student) at `temperature`. With
+    `parallel` each step is data-parallel (`train_step`): every process sees the same reduced gradients, so all
+    make the same mask decisions.
     Returns (kept units per group, history): one record per update with step, ratio, mean loss since the
     last update, the kept units and the teacher's memory (0 without distillation).
     """
@@ -160,7 +167,8 @@ def iterative_prune(model: nn.Module, analysis, batches, *, ratio: float, config
             for step in bar:
                 pruning = last_ratio != ratio  # once the masks reach `ratio` they are final: no scores needed
                 value = train_step(model, optimizer, batches[(step - 1) % len(batches)],
-                                   after_backward=scorer.update if pruning else None, loss_fn=loss_fn)
+                                   after_backward=scorer.update if pruning else None, loss_fn=loss_fn,
+                                   parallel=parallel)
                 masker.apply(trainable_only=True)
                 losses.append(value)
                 if pruning and (step % update_every == 0 or step == end):
