@@ -105,7 +105,7 @@ def prune(model: nn.Module, example_inputs: tuple | torch.Tensor, config: PruneC
     [b, seq], or a list of them) are the calibration data of gradient criteria and the fine-tuning data of
     LoRAPrune. One-shot methods accept a ready `analysis` of `model` and ready `scores` (which then replace the
     criterion's); `stats` records the gradient memory a gradient criterion needed. With `parallel` (the
-    processes of an Accelerate launch, `loraprune.distributed.launched()`) LoRAPrune's steps are data-parallel.
+    processes of an Accelerate launch, `loraprune.parallel.launched()`) LoRAPrune's steps are data-parallel.
     """
     config = MagnitudeConfig() if config is None else config
     if not isinstance(config, PruneConfig):
