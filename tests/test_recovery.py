@@ -202,6 +202,15 @@ def test_lora_prune_with_distillation_reports_the_teachers_memory():
         LoRAPruneConfig(distill=1.5)
 
 
+def test_distillation_without_fine_tuning_is_refused_in_one_line(tmp_path, capsys):
+    from loraprune.cli import main
+
+    out = tmp_path / "out"
+    assert main(["prune", "--criterion", "magnitude", "--distill", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--distill is a fine-tuning loss" in err and len(err.splitlines()) == 1 and not out.exists()
+
+
 def test_out_of_domain_text_is_the_licences_without_duplicates_or_the_users_files(tmp_path, monkeypatch):
     corpus = load_out_of_domain()
     assert corpus is not None and not corpus.train  # the licence texts ship on every machine this runs on

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraprune.lora.training import batch_inputs, next_token_loss, output_logits
+from loraprune.lora.training import batch_logits, next_token_loss
 
 __all__ = ["Distillation", "ModelTeacher", "distillation_loss"]
 
@@ -51,10 +51,9 @@ class Distillation:
             raise ValueError(f"distillation temperature must be > 0, got {self.temperature!r}")
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
-        ids, mask, labels = batch_inputs(model, batch)
         with torch.no_grad():
             target = self.teacher(batch)
-        logits = output_logits(model(input_ids=ids, **({} if mask is None else {"attention_mask": mask})))
+        logits, ids, mask, labels = batch_logits(model, batch)
         loss = self.weight * distillation_loss(logits, target, mask, self.temperature)
         if self.weight < 1.0:
             loss = loss + (1.0 - self.weight) * next_token_loss(logits, ids, mask, labels)
@@ -71,11 +70,10 @@ class ModelTeacher:
 
     @torch.no_grad()
     def __call__(self, batch) -> torch.Tensor:
-        ids, mask, _ = batch_inputs(self.model, batch)
         was_training = self.model.training
         self.model.eval()
         try:
-            return output_logits(self.model(input_ids=ids, **({} if mask is None else {"attention_mask": mask})))
+            return batch_logits(self.model, batch)[0]
         finally:
             self.model.train(was_training)
 

@@ -22,8 +22,8 @@ from loraprune.passes.checkpointing import activation_checkpointing
 if TYPE_CHECKING:
     from loraprune.parallel import DataParallel
 
-__all__ = ["GradientStats", "as_batches", "batch_inputs", "causal_lm_loss", "device_of", "gradient_bytes",
-           "lora_recover", "next_token_loss", "output_logits", "train_step"]
+__all__ = ["GradientStats", "as_batches", "batch_inputs", "batch_logits", "causal_lm_loss", "device_of",
+           "gradient_bytes", "lora_recover", "next_token_loss", "output_logits", "train_step"]
 
 
 def gradient_bytes(model: nn.Module) -> int:
@@ -92,11 +92,17 @@ def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor 
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
 
-def causal_lm_loss(model: nn.Module, batch: torch.Tensor | dict) -> torch.Tensor:
-    """Mean next-token cross-entropy of a batch (see `batch_inputs` for the forms a batch takes)."""
+def batch_logits(model: nn.Module, batch: torch.Tensor | dict) -> tuple[torch.Tensor, torch.Tensor,
+                                                                         torch.Tensor | None, torch.Tensor | None]:
+    """The model's logits on a batch, with the batch's (input_ids, attention_mask, labels) on its device."""
     ids, mask, labels = batch_inputs(model, batch)
     out = model(input_ids=ids, **({} if mask is None else {"attention_mask": mask}))
-    return next_token_loss(output_logits(out), ids, mask, labels)
+    return output_logits(out), ids, mask, labels
+
+
+def causal_lm_loss(model: nn.Module, batch: torch.Tensor | dict) -> torch.Tensor:
+    """Mean next-token cross-entropy of a batch (see `batch_inputs` for the forms a batch takes)."""
+    return next_token_loss(*batch_logits(model, batch))
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch,

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from loraprune.ir.groups import ChannelGroup
 from loraprune.lora.adapters import is_peft_model, lora_layers, lora_params
 from loraprune.lora.distill import Distillation
-from loraprune.lora.training import as_batches, batch_inputs, causal_lm_loss, output_logits, train_step
+from loraprune.lora.training import as_batches, batch_logits, causal_lm_loss, train_step
 from loraprune.passes.checkpointing import activation_checkpointing
 from loraprune.passes.criteria.lora import LoRAScorer
 from loraprune.passes.criteria.scores import GroupScores
@@ -47,7 +47,6 @@ class DenseTeacher:
 
     @torch.no_grad()
     def __call__(self, batch) -> torch.Tensor:
-        ids, mask, _ = batch_inputs(self.model, batch)
         trained = [p.data for p in self.params]
         was_training = self.model.training
         try:
@@ -55,8 +54,7 @@ class DenseTeacher:
                 p.data = initial
             self.model.eval()
             with self.masker.off():
-                out = self.model(input_ids=ids, **({} if mask is None else {"attention_mask": mask}))
-            return output_logits(out)
+                return batch_logits(self.model, batch)[0]
         finally:
             for p, value in zip(self.params, trained, strict=True):
                 p.data = value

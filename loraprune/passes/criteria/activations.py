@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from loraprune.ir.groups import ChannelGroup
-from loraprune.lora.training import GradientStats, as_batches, batch_inputs
+from loraprune.lora.training import GradientStats, as_batches, batch_logits
 from loraprune.passes.criteria.scores import GroupScores, group_scores, index_scores, register_criterion
 from loraprune.passes.sites import channel_site, param_owners
 
@@ -32,7 +32,7 @@ __all__ = ["ActivationStats", "activation_criterion", "bias_shifts", "flap_crite
 
 class ActivationStats:
     """Per-channel sums over calibration batches at every site a group member maps to: Σ_batch (mean_seq |x|)²,
-    Σ x, Σ x² and the token count. `bytes` is their memory, the only state the criteria keep."""
+    Σ x, Σ x² and the token count: the only state the criteria keep (four vectors per site)."""
 
     def __init__(self, model: nn.Module, groups: list[ChannelGroup]) -> None:
         state = model.state_dict(keep_vars=True)
@@ -95,10 +95,6 @@ class ActivationStats:
     def variance(self, key: tuple[int, str, int]) -> torch.Tensor:
         return (self.sums[key]["sq"] / self.sums[key]["n"] - self.mean(key).pow(2)).clamp_(min=0.0)
 
-    @property
-    def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for s in self.sums.values() for t in s.values())
-
     def per_index(self, model: nn.Module,
                   score: Callable[[tuple[int, str, int], torch.Tensor, int], torch.Tensor]) -> dict:
         """(member) -> per-index score, summed over the member's sites; `score(site key, weight, dim)`."""
@@ -114,8 +110,7 @@ class ActivationStats:
 def _forward(model: nn.Module, batch) -> None:
     """A language model (it has a `config`) takes token ids as input_ids; any other module its batch as is."""
     if hasattr(model, "config") or isinstance(batch, dict):
-        ids, mask, _ = batch_inputs(model, batch)
-        model(input_ids=ids, **({} if mask is None else {"attention_mask": mask}))
+        batch_logits(model, batch)
     else:
         model(*(t.to(next(model.parameters()).device) for t in (batch if isinstance(batch, tuple) else (batch,))))
 
