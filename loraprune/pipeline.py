@@ -294,7 +294,8 @@ def _run(options: CompileOptions, loaded, data: _Data, stages: _Stages, tmp: Pat
         if options.genai:
             from loraprune.runtime.genai import export_genai
 
-            export_genai(compact, tmp / "genai", tokenizer=loaded.tokenizer, target=options.target)
+            export_genai(compact, tmp / "genai", tokenizer=loaded.tokenizer, target=options.target,
+                         graph=onnx_paths["decode"])
     with stages("evaluate"):
         quality |= _evaluate(options, dense, compact, onnx_paths, loaded.tokenizer, data)
     bench = None

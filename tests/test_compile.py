@@ -269,10 +269,18 @@ def test_existing_output_needs_force_and_strangers_folders_are_never_replaced(ti
     assert "not a loraprune compile output" in capsys.readouterr().err
 
 
-def test_force_replaces_an_earlier_compile(compiled, tiny_folder, tmp_path):
+def test_force_replaces_an_earlier_compile(compiled, tiny_folder, tmp_path, capsys):
     out = tmp_path / "again"
-    assert main(["compile", str(tiny_folder), "--out", str(out), "--no-bench", *FAST]) == 0
+    assert main(["compile", str(tiny_folder), "--out", str(out), "--no-bench", "--genai", *FAST]) == 0
     first = (out / "report.json").read_text()
+    # genai/ links the decode graph the compile exported instead of exporting it again, and runs
+    assert (out / "genai" / "decode.onnx").samefile(out / "onnx" / "decode.onnx")
+    capsys.readouterr()
+    outputs = []
+    for backend in ("genai", "torch"):
+        assert main(["generate", str(out), "The import", "--max-new-tokens", "5", "--backend", backend]) == 0
+        outputs.append(capsys.readouterr().out.strip())
+    assert outputs[0].endswith(outputs[1])
     assert main(["compile", str(tiny_folder), "--out", str(out), "--no-bench", "--ratio", "0.3", "--force",
                  *FAST]) == 0
     assert json.loads((out / "report.json").read_text())["ratio"] == 0.3 != json.loads(first)["ratio"]

@@ -121,12 +121,14 @@ def genai_config(model: nn.Module, shapes: Sequence[KVShape], *, target: str = "
 
 
 def export_genai(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, target: str = "cpu",
-                 opset: int = DEFAULT_OPSET, fp16: bool = False, eos_token_id: int | Sequence[int] | None = None
-                 ) -> Path:
+                 opset: int = DEFAULT_OPSET, fp16: bool = False, eos_token_id: int | Sequence[int] | None = None,
+                 graph: str | os.PathLike | None = None) -> Path:
     """Write the GenAI folder of `model` to `out_dir`, whole or not at all (an earlier one is replaced).
 
     `tokenizer` (a transformers tokenizer) adds the tokenizer files, without which GenAI runs on token ids only.
     The EOS id is `eos_token_id`, else the tokenizer's, else the model's generation config or config.
+    `graph` is a decode graph `export_decode` already wrote for this model, target and precision: it is
+    hard-linked instead of exported a second time (the export is most of the folder's cost).
     Unsupported models raise :class:`GenAIUnsupported` before anything is written.
     """
     if target not in _PROVIDER_OPTIONS:
@@ -134,10 +136,14 @@ def export_genai(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None
     shapes = _kv_shapes(model)
     if eos_token_id is None and tokenizer is not None:
         eos_token_id = tokenizer.eos_token_id
-    config = genai_config(model, shapes, target=target, eos_token_id=eos_token_id)
+    name = GRAPH_NAME if graph is None else Path(graph).name
+    config = genai_config(model, shapes, target=target, eos_token_id=eos_token_id, graph=name)
     out_dir = Path(out_dir)
     with staged_folder(out_dir, force=True, marker=CONFIG_NAME) as staged:
-        export_decode(model, staged / GRAPH_NAME, opset=opset, fp16=fp16, external_data=True, target=target)
+        if graph is None:
+            export_decode(model, staged / GRAPH_NAME, opset=opset, fp16=fp16, external_data=True, target=target)
+        else:
+            _link_graph(Path(graph), staged)
         if tokenizer is not None:
             tokenizer.save_pretrained(staged)
         (staged / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
@@ -151,14 +157,19 @@ def linked_genai_folder(model: nn.Module, graph: str | os.PathLike, out_dir: str
     graph, out_dir = Path(graph), Path(out_dir)
     config = genai_config(model, _kv_shapes(model), target=target, graph=graph.name, threads=threads)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _link_graph(graph, out_dir)
+    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return out_dir
+
+
+def _link_graph(graph: Path, out_dir: Path) -> None:
+    """The graph and its external data in `out_dir`, hard-linked (copied across file systems)."""
     for path in (graph, graph.with_name(graph.name + ".data")):
         if path.is_file():
             try:
                 os.link(path, out_dir / path.name)
             except OSError:
                 shutil.copy2(path, out_dir / path.name)
-    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    return out_dir
 
 
 def load_genai(folder: str | os.PathLike):
