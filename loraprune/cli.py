@@ -128,6 +128,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
                          "(compile recovers after every criterion)")
     out = Path(args.out)
     check_target(out, args.force, PLAN_FILE)  # before the model is read
+    if args.shard:
+        return _prune_sharded(args, config, out)
     loaded = load_model(args.model, adapter=args.adapter, device=args.device, dtype=args.dtype,
                         trust_remote_code=args.trust_remote_code)
     batches = None
@@ -144,6 +146,46 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(f"{loaded.name}: params {r.params_before:,} -> {r.params_after:,} "
           f"({r.params_removed_fraction:.1%} removed){macs}")
     print(f"saved to {out}")
+    return 0
+
+
+def _prune_sharded(args: argparse.Namespace, config, out: Path) -> int:
+    """`prune --shard` under accelerate launch: the model's weights sharded by rows over the processes, never
+    whole on any of them (loraprune.sharded)."""
+    import dataclasses
+
+    from transformers import AutoTokenizer
+
+    from loraprune.config import LoRAPruneConfig
+    from loraprune.device import resolve
+    from loraprune.models.load import offline_hub
+    from loraprune.parallel import launched
+    from loraprune.sharded import prune_sharded
+
+    if not isinstance(config, LoRAPruneConfig) or config.steps:
+        raise ValueError("--shard scores once with LoRAPrune's criterion: pass --criterion lora --steps 0 (the "
+                         "fine-tuning schedule does not run on sharded weights)")
+    if args.model is None or not Path(args.model).is_dir() or args.adapter:
+        raise ValueError("--shard reads a Hugging Face folder (config.json and *.safetensors) one slice per "
+                         "process: pass its path, and no --adapter")
+    parallel = launched(args.device)
+    if parallel is None:
+        raise ValueError("--shard splits the model over the processes of a launch: run `accelerate launch "
+                         "--num_processes N -m loraprune prune MODEL --shard ...` with N >= 2")
+    config = dataclasses.replace(config, init="standard")  # PiSSA's SVD would need each whole weight
+    with offline_hub():
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    batches = _text_batches(args.data, tokenizer, 4 * config.batch_size, config.batch_size, "criterion 'lora'")
+    dtype = resolve(parallel.accelerator.device, args.dtype).dtype
+    result = prune_sharded(args.model, config, batches, out, parallel, tokenizer=tokenizer, dtype=dtype,
+                           force=args.force)
+    if parallel.is_main:
+        (out / "report.json").write_text(json.dumps(result.to_dict() | {"model": str(args.model),
+                                                                          "processes": parallel.world}, indent=1))
+        print(f"{args.model}: params {result.params_before:,} -> {result.params_after:,} "
+              f"({1 - result.params_after / result.params_before:.1%} removed), sharded over {parallel.world} "
+              "processes")
+        print(f"saved to {out}")
     return 0
 
 
@@ -406,6 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--force", action="store_true", help="replace OUT if it is a previous loraprune output")
+    p.add_argument("--shard", action="store_true",
+                   help="under `accelerate launch`: shard MODEL's weights by rows over the processes (FSDP2), score "
+                        "with --criterion lora --steps 0 where they lie, write the compact model as a sharded "
+                        "checkpoint; no process holds the whole model")
     p.set_defaults(fn=cmd_prune)
     _add_compile(sub)
     _add_folder_commands(sub)

@@ -18,10 +18,9 @@ The main job (`accelerate launch ... -m loraprune compile ...`) uses the same re
 (`loraprune.parallel.DataParallel`).
 
 Mapping to GPUs: the same code runs unchanged under `accelerate launch --multi_gpu --num_processes N -m
-loraprune.distributed ...` (NCCL; put the model on `accelerator.device` first, as `main` does), and with a
-DeepSpeed ZeRO-1/2 or FSDP config as long as every process holds the full base weights. Not built: with
-FSDP/ZeRO-3 *sharded* base weights, |(W0 + s·BA) ⊙ G| needs each layer's merged weight gathered (e.g.
-`FSDP.summon_full_params`) before `LoRAScorer.update()`; this module assumes replicated base weights.
+loraprune.distributed ...` (NCCL; put the model on `accelerator.device` first, as `main` does). With base weights
+sharded by rows (FSDP2, `loraprune.sharded`) the scorer scores each process's rows where they lie
+(`ShardedLoRAScorer`): `--sharded` runs the tiny test that way.
 
 Launching on CPU (the test harness): `accelerate launch --cpu --num_processes 2` does NOT start two processes
 in accelerate 1.15 (without an MPI hostfile its simple launcher runs one). Two local gloo processes come from
@@ -33,7 +32,8 @@ ACCELERATE_USE_CPU=1).
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -137,24 +137,69 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lam", type=float, default=0.9)
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--alpha", type=int, default=16)
+    parser.add_argument("--sharded", action="store_true",
+                        help="base weights sharded by rows (FSDP2); also record the largest tensor each layer's "
+                             "scoring materialises, as a fraction of that layer's whole weight")
     args = parser.parse_args(argv)
 
     accelerator = Accelerator(cpu=args.cpu)
     model = tiny_llama_model(args.seed).to(accelerator.device)
     batches = tiny_batches(args.steps, args.rows, args.seq, args.data_seed)
     groups = analyze(model, batches[0][:1].to(accelerator.device)).groups
-    scores = accelerated_lora_scores(model, groups, batches, accelerator=accelerator, lam=args.lam, seed=args.seed,
-                                     r=args.r, alpha=args.alpha)
+    extra = {}
+    with _watched_scoring() as seen:
+        if args.sharded:
+            from loraprune.sharded import shard_blocks
+
+            shard_blocks(model, accelerator.device)
+        scores = accelerated_lora_scores(model, groups, batches, accelerator=accelerator, lam=args.lam,
+                                         seed=args.seed, r=args.r, alpha=args.alpha)
+    if args.sharded:
+        extra = {"largest_fraction": np.float64(max(f for f, _ in seen)), "gathered": np.int64(sum(g for _, g in seen)),
+                 "layers_scored": np.int64(len(seen))}
     flat = _flatten(scores)
     mine = torch.from_numpy(np.concatenate([v.ravel() for v in flat.values()])).to(accelerator.device)
     everyone = accelerator.gather(mine[None])  # [world, n]: every rank's scores
     diff = float((everyone - everyone[:1]).abs().max())
     if accelerator.is_main_process:
         np.savez(args.tiny_test, world_size=np.int64(accelerator.num_processes), max_rank_diff=np.float64(diff),
-                 **flat)
+                 **extra, **flat)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
+
+
+@contextmanager
+def _watched_scoring() -> Iterator[list[tuple[float, bool]]]:
+    """Record, for every sharded layer scored, the largest tensor its scoring materialised as a fraction of the
+    layer's whole base weight, and whether the weight had to be gathered."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    from loraprune.passes.criteria import lora
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.numel = max([self.numel] + [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)])
+            return out
+
+    seen: list[tuple[float, bool]] = []
+    real = lora._local_importance
+
+    def watched(module: nn.Module, rows):
+        with Largest() as largest:
+            out = real(module, rows)
+        seen.append((largest.numel / module.get_base_layer().weight.numel(), rows.gathered))
+        return out
+
+    lora._local_importance = watched
+    try:
+        yield seen
+    finally:
+        lora._local_importance = real
 
 
 if __name__ == "__main__":

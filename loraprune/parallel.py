@@ -6,13 +6,16 @@ step gives every process the gradient of the mean loss over all processes' token
 labels leave unequal token counts, where DDP's plain mean of per-process means would not). So every process
 takes the same optimiser step and makes the same pruning decisions without a broadcast. The model stays
 unwrapped (no DDP buckets that snapshot `requires_grad`), and base weights never get a `.grad`.
-`loraprune.distributed` builds the data-parallel LoRA criterion on the same pieces.
+`loraprune.distributed` builds the data-parallel LoRA criterion on the same pieces; `local_rows` is what a process
+holds of a weight sharded by rows (`loraprune.sharded`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -22,7 +25,8 @@ from torch import nn
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-__all__ = ["DataParallel", "launched", "local_backward", "reduce_gradients", "shard_step", "target_tokens"]
+__all__ = ["DataParallel", "LocalRows", "launched", "local_backward", "local_rows", "reduce_gradients", "shard_step",
+           "target_tokens"]
 
 Batch = torch.Tensor | dict
 Loss = Callable[[nn.Module, Batch], torch.Tensor]
@@ -150,3 +154,41 @@ def launched(device: str = "auto", timeout_s: float = 1800.0) -> DataParallel | 
     cpu = resolve(device).device.type == "cpu"
     return DataParallel(Accelerator(cpu=cpu, kwargs_handlers=[
         InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))]))
+
+
+# ----------------------------------------------------------------------------------------------- sharded weights
+
+@dataclass
+class LocalRows:
+    """What this process holds of a weight: rows [start, start + len(local)) of dim 0 of a weight sharded by rows;
+    or, with `whole`, the whole weight on the one process that takes it (None on the others). `gathered`: the
+    weight was sharded otherwise and had to be gathered (that one weight, at that moment)."""
+
+    local: torch.Tensor | None
+    start: int
+    shape: tuple[int, ...]
+    whole: bool = False
+    gathered: bool = False
+
+
+def local_rows(weight: torch.Tensor, owner: int = 0) -> LocalRows:
+    """This process's rows of `weight`. A DTensor sharded by rows over all processes (a 1-D mesh, FSDP2's default
+    placement) gives its local shard, split as torch.chunk splits (ceil(n / world) rows per process, FSDP2's
+    split). Any other placement is gathered (`full_tensor`) and given whole to process `owner`; so is a plain
+    (replicated) tensor, without the gather."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Shard
+
+    shape = tuple(weight.shape)
+    mine = not dist.is_initialized() or dist.get_rank() == owner
+    if not isinstance(weight, DTensor):
+        return LocalRows(weight.detach() if mine else None, 0, shape, whole=True)
+    mesh = weight.device_mesh
+    if mesh.ndim == 1 and mesh.size() == dist.get_world_size() and weight.placements == (Shard(0),):
+        local = weight.to_local().detach()
+        chunk = math.ceil(shape[0] / mesh.size())
+        start = min(mesh.get_local_rank() * chunk, shape[0])
+        if local.shape[0] == min(chunk, shape[0] - start):
+            return LocalRows(local, start, shape)
+    full = weight.full_tensor().detach()
+    return LocalRows(full if mine else None, 0, shape, whole=True, gathered=True)

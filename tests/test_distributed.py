@@ -1,5 +1,6 @@
 """Data-parallel LoRA importance on HF Accelerate: one process equals `lora_criterion`, two gloo processes launched
-with `accelerate launch` equal one process that sees both ranks' rows."""
+with `accelerate launch` equal one process that sees both ranks' rows, with base weights whole or sharded by rows;
+the main job on two processes; a sharded prune writes what one process would."""
 
 import json
 import os
@@ -97,14 +98,21 @@ def launch_two(tmp_path, *program: str, timeout: float = 300) -> subprocess.Comp
                           text=True, timeout=timeout)
 
 
-def test_two_accelerate_processes_equal_one_process_on_the_union(tmp_path):
+@pytest.mark.parametrize("sharded", [False, True], ids=["replicated", "sharded"])
+def test_two_accelerate_processes_equal_one_process_on_the_union(tmp_path, sharded):
+    """Two processes, base weights whole on each or sharded by rows (FSDP2), equal one process that sees both
+    ranks' rows; sharded, no layer's scoring materialises more than its local rows (half the weight), and
+    nothing is gathered."""
     out = tmp_path / "scores.npz"
     proc = launch_two(tmp_path, "-m", "loraprune.distributed", "--cpu", "--tiny-test", str(out), "--steps", "3",
-                      "--rows", "4", "--seq", "16", timeout=180)
+                      "--rows", "4", "--seq", "16", *(["--sharded"] if sharded else []), timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     saved = np.load(out)
     assert int(saved["world_size"]) == 2
     assert float(saved["max_rank_diff"]) == 0.0  # every rank ran the same update on the same reduced gradients
+    if sharded:
+        assert int(saved["layers_scored"]) == 3 * 14 and int(saved["gathered"]) == 0
+        assert float(saved["largest_fraction"]) <= 0.5
 
     # one process, each step = both ranks' 2 rows (equal token counts: mean of the two ranks' mean-loss
     # gradients == gradient of the mean loss over the 4 rows)
@@ -160,6 +168,45 @@ def test_two_process_compile_equals_one_process_and_writes_once(tiny_model_folde
     factors = sum(8 * (m.in_features + m.out_features) for name, m in load_pretrained_dense(tiny_model_folder))
     assert r2["finetune"]["allreduce_bytes_per_step"] == 4 * (factors + 2)
     assert not list(tmp_path.glob(".two.tmp-*"))
+
+
+def test_sharded_prune_writes_the_one_process_compact_model(tiny_model_folder, tmp_path, capsys):
+    """`prune --shard` on two processes (weights sharded by rows, each read as its own slice of the checkpoint)
+    writes a sharded checkpoint whose plan and weights are the one-process LoRA-criterion prune's."""
+    from loraprune import prune
+    from loraprune.cli import _example_ids, _text_batches, main
+    from loraprune.config import LoRAPruneConfig
+    from loraprune.models.load import load_model
+    from loraprune.models.save import load_pretrained
+
+    out = tmp_path / "sharded"
+    proc = launch_two(tmp_path, "-m", "loraprune", "prune", str(tiny_model_folder), "--shard", "--criterion", "lora",
+                      "--steps", "0", "--ratio", "0.5", "--out", str(out), "--device", "cpu")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert proc.stdout.count("saved to") == 1
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == ["model-00001-of-00002.safetensors",
+                                                         "model-00002-of-00002.safetensors"]
+    assert not (out / "model.safetensors").exists() and not list(tmp_path.glob(".sharded.tmp-*"))
+
+    loaded = load_model(str(tiny_model_folder))
+    config = LoRAPruneConfig(ratio=0.5, steps=0, init="standard")
+    batches = _text_batches(None, loaded.tokenizer, 4 * config.batch_size, config.batch_size, "lora")
+    want = prune(loaded.model, (_example_ids(loaded.model),), config, batches=batches)
+    plan = json.loads((out / "loraprune_plan.json").read_text())
+    assert {p: {int(d): i for d, i in dims.items()} for p, dims in plan["kept"].items()} == want.plan.kept
+    got = load_pretrained(out)
+    assert got.state_dict().keys() == want.model.state_dict().keys()
+    for name, tensor in want.model.state_dict().items():
+        torch.testing.assert_close(got.state_dict()[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+    report = json.loads((out / "report.json").read_text())
+    assert report["params_after"] == want.report.params_after and report["processes"] == 2
+
+    capsys.readouterr()
+    assert main(["prune", str(tiny_model_folder), "--shard", "--criterion", "lora", "--steps", "0",
+                 "--out", str(tmp_path / "alone")]) == 2  # not launched: one line, nothing written
+    err = capsys.readouterr().err.strip()
+    assert "accelerate launch" in err and len(err.splitlines()) == 1 and not (tmp_path / "alone").exists()
 
 
 def load_pretrained_dense(folder):

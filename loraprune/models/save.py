@@ -1,10 +1,11 @@
 """Saving a compact (pruned) model as a Hugging Face folder, and loading it back.
 
-A folder holds `model.safetensors` (the compact weights), `config.json` (the compact HF config: for a
-uniform result plain `AutoModelForCausalLM.from_pretrained` reloads it), `loraprune_plan.json` (the plan,
-plus the dense config it was made from) and, if given, the tokenizer files. A non-uniform result (different
-head counts or MLP widths per layer) cannot be described by a plain HF config; `load_pretrained` rebuilds it
-as dense architecture -> plan -> weights.
+A folder holds `model.safetensors` (the compact weights; written by several processes from a sharded model, one
+file per process and `model.safetensors.index.json`, as Hugging Face shards a checkpoint), `config.json` (the
+compact HF config: for a uniform result plain `AutoModelForCausalLM.from_pretrained` reloads it),
+`loraprune_plan.json` (the plan, plus the dense config it was made from) and, if given, the tokenizer files. A
+non-uniform result (different head counts or MLP widths per layer) cannot be described by a plain HF config;
+`load_pretrained` rebuilds it as dense architecture -> plan -> weights.
 
 Loading never materializes the dense model: its parameters are created on the `meta` device (accelerate's
 `init_empty_weights(include_buffers=False)`), sliced by the plan there, then replaced by the saved tensors.
@@ -23,6 +24,7 @@ import copy
 import json
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +37,12 @@ from loraprune.ir.plan import PlanError, PrunePlan
 from loraprune.outputs import check_target, staged_folder
 from loraprune.passes.rewrite import apply_plan
 
-__all__ = ["PLAN_FILE", "WEIGHTS_FILE", "load_pretrained", "save_pretrained"]
+__all__ = ["INDEX_FILE", "PLAN_FILE", "WEIGHTS_FILE", "FolderMetadata", "compact_skeleton", "load_pretrained",
+           "save_pretrained"]
 
 PLAN_FILE = "loraprune_plan.json"
 WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 FORMAT = "loraprune-compact-v1"
 
@@ -66,43 +70,64 @@ def save_pretrained(result_or_model: Any, out_dir: str | os.PathLike, *, plan: P
         raise ValueError("save_pretrained needs the dense model's config (pass dense_config=...)")
     out_dir = Path(out_dir)
     check_target(out_dir, force, PLAN_FILE)  # before any work
-
-    dense = _config_dict(dense_config)
     state = _unique_state(model)
-    info = {
-        "format": FORMAT,
-        "architecture": type(model).__name__,
-        "dtype": _dtype_name(state),
-        "attn_implementation": getattr(model.config, "_attn_implementation", None),
-    }
-    # Before writing anything: the saved folder must be loadable, i.e. dense config + plan give exactly the
-    # compact shapes (catches a compact config passed as dense_config, or a plan from another model).
-    skeleton = _skeleton(dense, info)
-    try:
-        apply_plan(skeleton, plan, inplace=True)
-    except PlanError as err:
-        raise ValueError(f"dense_config and plan do not fit together: {err}") from None
-    _compare_shapes(skeleton, model, "dense_config + plan")
-
-    config = copy.deepcopy(model.config)
-    if getattr(config, "loraprune_uniform", False) and not _plain_loadable(config, model, info):
-        warnings.warn("the compact config does not describe the pruned shapes (see loraprune.passes.rewrite."
-                      "_patch_config); writing loraprune_uniform=false, reload it with load_pretrained",
-                      stacklevel=2)
-        config.loraprune_uniform = False
-    config.architectures = [type(model).__name__]
-
+    metadata = FolderMetadata.of(model, plan, dense_config, _dtype_name(state))  # before writing anything
     with staged_folder(out_dir, force, PLAN_FILE) as tmp:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_FILE),
                   metadata={"format": "pt"})
-        config.save_pretrained(tmp)
+        metadata.write(tmp, model, tokenizer)
+    return out_dir
+
+
+@dataclass
+class FolderMetadata:
+    """Everything of a saved folder but the weights: the compact config, the plan, the dense config, the format."""
+
+    config: Any
+    plan: PrunePlan
+    dense: dict
+    info: dict
+
+    @classmethod
+    def of(cls, model: nn.Module, plan: PrunePlan, dense_config: Any, dtype: str) -> FolderMetadata:
+        """Checked: dense config + plan must rebuild `model`'s shapes, or the folder would not load (catches a
+        compact config passed as dense_config, or a plan from another model). `model`'s parameters may be on
+        `meta` (the sharded save has no whole compact model anywhere)."""
+        dense = _config_dict(dense_config)
+        info = {"format": FORMAT, "architecture": type(model).__name__, "dtype": dtype,
+                "attn_implementation": getattr(model.config, "_attn_implementation", None)}
+        skeleton = _skeleton(dense, info)
+        try:
+            apply_plan(skeleton, plan, inplace=True)
+        except PlanError as err:
+            raise ValueError(f"dense_config and plan do not fit together: {err}") from None
+        _compare_shapes(skeleton, model, "dense_config + plan")
+        config = copy.deepcopy(model.config)
+        if getattr(config, "loraprune_uniform", False) and not _plain_loadable(config, model, info):
+            warnings.warn("the compact config does not describe the pruned shapes (see loraprune.passes.rewrite."
+                          "_patch_config); writing loraprune_uniform=false, reload it with load_pretrained",
+                          stacklevel=3)
+            config.loraprune_uniform = False
+        config.architectures = [type(model).__name__]
+        return cls(config, plan, dense, info)
+
+    def write(self, folder: Path, model: nn.Module, tokenizer: Any = None) -> None:
+        """config.json, the generation config, the tokenizer, and last the plan (the folder's marker)."""
+        self.config.save_pretrained(folder)
         generation = getattr(model, "generation_config", None)
         if generation is not None and callable(getattr(model, "can_generate", None)) and model.can_generate():
-            generation.save_pretrained(tmp)
-        _write_json(tmp / PLAN_FILE, {**plan.to_dict(), **info, "dense_config": dense})
+            generation.save_pretrained(folder)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return out_dir
+            tokenizer.save_pretrained(folder)
+        _write_json(folder / PLAN_FILE, {**self.plan.to_dict(), **self.info, "dense_config": self.dense})
+
+
+def compact_skeleton(dense_config: Any, plan: PrunePlan, dtype: str) -> nn.Module:
+    """The compact model of `plan` with its parameters on `meta`: its shapes and its (patched) config."""
+    dense = _config_dict(dense_config)
+    architectures = dense.get("architectures") or [None]
+    skeleton = _skeleton(dense, {"dtype": dtype, "architecture": architectures[0]})
+    return apply_plan(skeleton, plan, inplace=True)
 
 
 def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -177,7 +202,9 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     plan_path, weights_path = path / PLAN_FILE, path / WEIGHTS_FILE
     if not plan_path.is_file():
         raise FileNotFoundError(f"{plan_path} is missing: {path} was not saved by loraprune.save_pretrained")
-    if not weights_path.is_file():
+    if not weights_path.is_file() and (path / INDEX_FILE).is_file():
+        weights_path = path / INDEX_FILE  # written by the sharded save: one file per process that held tensors
+    elif not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path} is missing")
     try:
         data = json.loads(plan_path.read_text())
@@ -193,10 +220,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     if not isinstance(dense, dict) or not dense.get("model_type"):
         raise ValueError(f"corrupt plan file {plan_path}: no dense_config with a model_type")
 
-    try:
-        state = load_file(str(weights_path), device=str(device))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"corrupt weights file {weights_path}: {err}") from None
+    state = _read_weights(weights_path, str(device))
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     info = {**data, "dtype": str(dtype).removeprefix("torch.") if dtype is not None else data.get("dtype")}
@@ -229,6 +253,20 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
         except (OSError, ValueError) as err:
             raise ValueError(f"corrupt generation config {generation}: {err}") from None
     return model.to(device).eval()  # the buffers the constructor made; the weights are there already
+
+
+def _read_weights(path: Path, device: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, or of every file an index (`model.safetensors.index.json`) names."""
+    try:
+        if path.name != INDEX_FILE:
+            return load_file(str(path), device=device)
+        files = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for name in files:
+            state |= load_file(str(path.parent / name), device=device)
+        return state
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"corrupt weights file {path}: {err}") from None
 
 
 # ----------------------------------------------------------------------------------------------- shared

@@ -18,10 +18,12 @@ from torch import nn
 from loraprune.ir.groups import ChannelGroup
 from loraprune.lora.adapters import add_lora, base_weight_names, factors, lora_layers, lora_params, merged_weight
 from loraprune.lora.training import GradientStats, as_batches, causal_lm_loss
+from loraprune.parallel import LocalRows, local_rows
 from loraprune.passes.checkpointing import activation_checkpointing
 from loraprune.passes.criteria.scores import GroupScores, group_scores, index_scores, register_criterion
 
-__all__ = ["LoRAScorer", "estimated_gradient", "lora_criterion", "lora_element_importance"]
+__all__ = ["LoRAScorer", "ShardedLoRAScorer", "estimated_gradient", "is_sharded", "lora_criterion",
+           "lora_element_importance"]
 
 
 def estimated_gradient(module: nn.Module) -> torch.Tensor:
@@ -65,17 +67,81 @@ class LoRAScorer:
 
     def update(self) -> None:
         """Read the factor gradients of the last backward pass into the smoothed estimate."""
+        for key, cur in self.current().items():
+            prev = self.smoothed.get(key)
+            self.smoothed[key] = (1 - self.lam) * cur if prev is None else self.lam * prev + (1 - self.lam) * cur
+        self.steps += 1
+
+    def current(self) -> dict[tuple[str, int], np.ndarray]:
+        """This step's per-index importance of every member key."""
+        out = {}
         for module, keys in self.by_module.values():
             element = lora_element_importance(module)
             for key in keys:
-                cur = index_scores(element, key[1])
-                prev = self.smoothed.get(key)
-                self.smoothed[key] = (1 - self.lam) * cur if prev is None else self.lam * prev + (1 - self.lam) * cur
+                out[key] = index_scores(element, key[1])
             del element
-        self.steps += 1
+        return out
 
     def scores(self) -> GroupScores:
         return group_scores(self.groups, self.smoothed)
+
+
+class ShardedLoRAScorer(LoRAScorer):
+    """LoRAScorer's scores when the base weights are sharded by rows over processes (FSDP2), with no weight gathered.
+
+    A row's importance |(W0 + s·BA) ⊙ G| needs only that row of W0 and the (whole, small) factors and their
+    gradients, so each process scores the rows it holds: a row score is local, a column score is a sum over
+    rows. Every member's score vector (zeros outside the local rows) goes into one all-reduce (sum) per step, so
+    every process ends with the unsharded scores and makes the same decisions. See `parallel.local_rows` for the
+    placements this holds for and the one-weight-at-a-time gather elsewhere.
+    """
+
+    def current(self) -> dict[tuple[str, int], np.ndarray]:
+        import torch.distributed as dist
+
+        keys, vectors = [], []
+        for module, members in self.by_module.values():
+            rows = local_rows(module.get_base_layer().weight)
+            element = None if rows.local is None else _local_importance(module, rows)
+            for key in members:
+                dim = key[1]
+                vector = torch.zeros(rows.shape[dim], dtype=torch.float64,
+                                     device=module.get_base_layer().weight.device)
+                if element is not None:
+                    part = element.sum(dim=1 - dim).double()
+                    if dim == 0:
+                        vector[rows.start:rows.start + len(part)] = part
+                    else:
+                        vector += part
+                keys.append(key)
+                vectors.append(vector)
+            del element
+        flat = torch.cat(vectors)
+        dist.all_reduce(flat)
+        return {key: part.cpu().numpy() for key, part in zip(keys, flat.split([len(v) for v in vectors]), strict=True)}
+
+
+def _local_importance(module: nn.Module, rows: LocalRows) -> torch.Tensor:
+    """|(W0 + s·BA) ⊙ G| on the local rows of the base weight (its stored layout: transposed for fan_in_fan_out),
+    from the local rows of W0 and the whole factors: the rows of BA are rows of B times A (of A^T times B^T)."""
+    a, b, s = factors(module)
+    da = a.grad if a.grad is not None else torch.zeros_like(a)
+    db = b.grad if b.grad is not None else torch.zeros_like(b)
+    a, b, da, db = (t.detach().float() for t in (a, b, da, db))
+    left, right, dleft, dright = (a.T, b.T, da.T, db.T) if module.fan_in_fan_out else (b, a, db, da)
+    span = slice(rows.start, rows.start + rows.local.shape[0])
+    left, dleft = left[span], dleft[span]
+    g = dleft @ right
+    g.addmm_(left, dright).addmm_(dleft, dright, alpha=-1.0).mul_(s)
+    merged = (left @ right).mul_(s).add_(rows.local.float())
+    return merged.mul_(g).abs_()
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Are any of the model's parameters distributed tensors (sharded by FSDP2)?"""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def plain_backward(model: nn.Module, batch) -> None:
@@ -102,6 +168,9 @@ def lora_criterion(model: nn.Module, groups: list[ChannelGroup], *, batches=None
     batches = as_batches(batches, batch_size)
     added = not lora_layers(model)
     copied = added and init != "standard"
+    if copied and is_sharded(model):
+        raise ValueError(f"LoRA init {init!r} needs each whole base weight (an SVD); sharded base weights are scored "
+                         "with init='standard'")
     flags = {id(p): p.requires_grad for p in model.parameters()}  # add_lora freezes the base weights
     work = add_lora(copy.deepcopy(model) if copied else model, r=r, alpha=alpha, seed=seed, dropout=0.0,
                     init=init) if added else model
@@ -119,7 +188,7 @@ def _score(model, groups, batches, lam, stats, seed, backward) -> GroupScores:
     layers = lora_layers(model)
     params = lora_params(layers)
     flags = {id(p): p.requires_grad for p in model.parameters()}
-    scorer = LoRAScorer(model, groups, lam)
+    scorer = (ShardedLoRAScorer if is_sharded(model) else LoRAScorer)(model, groups, lam)
     was_training = model.training
     try:
         for p in model.parameters():
