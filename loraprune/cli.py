@@ -122,7 +122,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     config = make_config(args.criterion, ratio=args.ratio, scope=args.scope, attention=args.attention,
                          prune_hidden=args.prune_hidden, round_to=args.round_to, seed=args.seed, steps=args.steps,
-                         distill=args.distill, temperature=args.temperature)
+                         distill=args.distill, temperature=args.temperature,
+                         **({"init": args.lora_init} if args.lora_init else {}))
     if args.distill and not (isinstance(config, LoRAPruneConfig) and config.steps > 0):
         raise ValueError("--distill is a fine-tuning loss: prune fine-tunes only with --criterion lora and --steps > 0 "
                          "(compile recovers after every criterion)")
@@ -172,7 +173,10 @@ def _prune_sharded(args: argparse.Namespace, config, out: Path) -> int:
     if parallel is None:
         raise ValueError("--shard splits the model over the processes of a launch: run `accelerate launch "
                          "--num_processes N -m loraprune prune MODEL --shard ...` with N >= 2")
-    config = dataclasses.replace(config, init="standard")  # PiSSA's SVD would need each whole weight
+    if args.lora_init not in (None, "standard"):
+        raise ValueError(f"--lora-init {args.lora_init} needs each whole weight (an SVD); --shard scores with "
+                         "standard LoRA factors")
+    config = dataclasses.replace(config, init="standard")
     with offline_hub():
         tokenizer = AutoTokenizer.from_pretrained(args.model)
     batches = _text_batches(args.data, tokenizer, 4 * config.batch_size, config.batch_size, "criterion 'lora'")
@@ -409,6 +413,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from loraprune.config import CONFIGS, LoRAPruneConfig
+    from loraprune.lora.adapters import LORA_INITS
 
     parser = argparse.ArgumentParser(prog="loraprune", description="Structured pruning of transformer models, "
                                      "guided by LoRA, compiled to compact models that run faster.")
@@ -448,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--force", action="store_true", help="replace OUT if it is a previous loraprune output")
+    p.add_argument("--lora-init", choices=sorted(LORA_INITS), default=None,
+                   help=f"lora: how the factors start (default {LoRAPruneConfig.init}; standard with --shard)")
     p.add_argument("--shard", action="store_true",
                    help="under `accelerate launch`: shard MODEL's weights by rows over the processes (FSDP2), score "
                         "with --criterion lora --steps 0 where they lie, write the compact model as a sharded "

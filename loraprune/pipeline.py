@@ -324,6 +324,7 @@ def _prune(options: CompileOptions, model: nn.Module, dense: nn.Module, analysis
         # an input adapter is kept unmerged here: its factors seed the LoRA that scores and recovers
         result = prune(model, (data.example,), config, batches=data.train, parallel=parallel)
         finetune = {"kind": "lora_prune", "steps": options.steps, "distill": options.distill,
+                    "seconds": result.report.timings["lora_finetune_and_prune"],
                     "teacher_bytes": result.report.teacher_bytes, **_communicated(parallel, options.steps),
                     "points": [{"step": h["step"], "loss": h["loss"], "ratio": h["ratio"]}
                                for h in result.report.history]}
@@ -333,6 +334,7 @@ def _prune(options: CompileOptions, model: nn.Module, dense: nn.Module, analysis
     if options.steps > 0:
         teacher = ModelTeacher(dense) if options.distill > 0 else None
         distillation = None if teacher is None else Distillation(teacher, options.distill, options.temperature)
+        start = time.perf_counter()
         recovered, losses = lora_recover(result.model, data.train, steps=options.steps, lr=options.lr,
                                          r=options.lora_r, alpha=options.lora_alpha, init=options.lora_init,
                                          seed=options.seed, batch_size=options.batch_size, progress=options.progress,
@@ -342,7 +344,8 @@ def _prune(options: CompileOptions, model: nn.Module, dense: nn.Module, analysis
         result.model = recovered
         result.report.teacher_bytes = 0 if teacher is None else teacher.bytes
         finetune = {"kind": "lora_recover", "steps": options.steps, "distill": options.distill,
-                    "teacher_bytes": result.report.teacher_bytes, **_communicated(parallel, options.steps),
+                    "seconds": time.perf_counter() - start, "teacher_bytes": result.report.teacher_bytes,
+                    **_communicated(parallel, options.steps),
                     "points": [{"step": i + 1, "loss": v, "ratio": options.ratio} for i, v in enumerate(losses)]}
     return result, finetune
 

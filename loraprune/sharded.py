@@ -41,7 +41,7 @@ from loraprune.parallel import DataParallel, local_rows
 if TYPE_CHECKING:
     from loraprune.config import LoRAPruneConfig
 
-__all__ = ["ShardedResult", "load_sharded", "prune_sharded", "save_sharded", "shard_blocks"]
+__all__ = ["ShardedResult", "load_sharded", "meta_model", "prune_sharded", "save_sharded", "shard_blocks"]
 
 
 def shard_blocks(model: nn.Module, device: torch.device) -> nn.Module:
@@ -68,15 +68,9 @@ def load_sharded(folder: str | os.PathLike, device: torch.device, dtype: torch.d
     from safetensors import safe_open
     from transformers import AutoConfig
 
-    from loraprune.models.save import _skeleton
-
     folder = Path(folder)
     files = _weight_files(folder)
-    config = AutoConfig.from_pretrained(folder)
-    architecture = (getattr(config, "architectures", None) or [None])[0]
-    model = _skeleton(config.to_dict(), {"architecture": architecture,
-                                         "dtype": str(dtype or getattr(config, "dtype", None) or torch.float32)
-                                         .removeprefix("torch.")})
+    model = meta_model(AutoConfig.from_pretrained(folder), dtype)
     buffers = {name: b.clone() for name, b in model.named_buffers()}  # real: made by the model's constructor
     shard_blocks(model, device)
     model.to_empty(device=device)
@@ -102,6 +96,19 @@ def load_sharded(folder: str | os.PathLike, device: torch.device, dtype: torch.d
             with safe_open(str(where[name]), framework="pt") as f:
                 rows.local.copy_(f.get_slice(name)[rows.start:rows.start + rows.local.shape[0]])
     return model.eval()
+
+
+def meta_model(config: Any, dtype: torch.dtype | None = None) -> nn.Module:
+    """The architecture of the HF `config` with its parameters on `meta` (buffers real) and tied names tied, as
+    from_pretrained leaves them."""
+    from loraprune.models.save import _skeleton
+
+    architecture = (getattr(config, "architectures", None) or [None])[0]
+    kind = dtype or getattr(config, "dtype", None) or torch.float32
+    model = _skeleton(config.to_dict(), {"architecture": architecture, "dtype": str(kind).removeprefix("torch.")})
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -264,7 +271,6 @@ def prune_sharded(folder: str | os.PathLike, config: LoRAPruneConfig, batches: l
     from transformers import AutoConfig
 
     from loraprune.distributed import accelerated_lora_scores
-    from loraprune.models.save import _skeleton
     from loraprune.passes.dependency import analyze
     from loraprune.passes.rewrite import make_plan
     from loraprune.passes.select import select_units
@@ -279,8 +285,7 @@ def prune_sharded(folder: str | os.PathLike, config: LoRAPruneConfig, batches: l
         raise ValueError("--shard scores once (--steps 0): LoRAPrune's fine-tuning schedule does not run on sharded "
                          "weights; fine-tune the compact model afterwards")
     dense_config = AutoConfig.from_pretrained(folder)
-    architecture = (getattr(dense_config, "architectures", None) or [None])[0]
-    meta = _skeleton(dense_config.to_dict(), {"architecture": architecture}).to("meta")
+    meta = meta_model(dense_config).to("meta")
     example = batches[0][:1, :8].to("meta")
     analysis = analyze(meta, example)
     model = load_sharded(folder, parallel.accelerator.device, dtype)

@@ -170,15 +170,21 @@ def test_two_process_compile_equals_one_process_and_writes_once(tiny_model_folde
     assert not list(tmp_path.glob(".two.tmp-*"))
 
 
-def test_sharded_prune_writes_the_one_process_compact_model(tiny_model_folder, tmp_path, capsys):
+def test_sharded_prune_writes_the_one_process_compact_model(tmp_path, capsys):
     """`prune --shard` on two processes (weights sharded by rows, each read as its own slice of the checkpoint)
-    writes a sharded checkpoint whose plan and weights are the one-process LoRA-criterion prune's."""
+    writes a sharded checkpoint whose plan and weights are the one-process LoRA-criterion prune's. The model
+    ties its embeddings and has an odd MLP width (shards of unequal size)."""
+    from zoo import save_with_tokenizer, tiny_llama
+
     from loraprune import prune
     from loraprune.cli import _example_ids, _text_batches, main
     from loraprune.config import LoRAPruneConfig
     from loraprune.models.load import load_model
     from loraprune.models.save import load_pretrained
 
+    tiny_model_folder = tmp_path / "tied"
+    torch.manual_seed(0)
+    save_with_tokenizer(tiny_llama(layers=2, inter=95, tie=True), tiny_model_folder)
     out = tmp_path / "sharded"
     proc = launch_two(tmp_path, "-m", "loraprune", "prune", str(tiny_model_folder), "--shard", "--criterion", "lora",
                       "--steps", "0", "--ratio", "0.5", "--out", str(out), "--device", "cpu")
