@@ -255,11 +255,14 @@ class ShardedResult:
     plan: PrunePlan
     params_before: int
     params_after: int
+    weight_bytes: int  # the dense model's
+    weight_bytes_per_process: int  # the most any process held (its shard)
     kept: dict[str, np.ndarray] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"params_before": self.params_before, "params_after": self.params_after,
-                "params_removed_fraction": 1 - self.params_after / max(self.params_before, 1)}
+                "params_removed_fraction": 1 - self.params_after / max(self.params_before, 1),
+                "weight_bytes": self.weight_bytes, "weight_bytes_per_process": self.weight_bytes_per_process}
 
 
 def prune_sharded(folder: str | os.PathLike, config: LoRAPruneConfig, batches: list, out_dir: str | os.PathLike,
@@ -268,6 +271,7 @@ def prune_sharded(folder: str | os.PathLike, config: LoRAPruneConfig, batches: l
     """LoRAPrune's criterion scored once over `batches` (each step's rows split over the processes) on the model
     in `folder` sharded by rows, then selected, rewritten and saved to `out_dir` without any process holding the
     whole model. The groups come from tracing the model on `meta`."""
+    import torch.distributed as dist
     from transformers import AutoConfig
 
     from loraprune.distributed import accelerated_lora_scores
@@ -289,6 +293,10 @@ def prune_sharded(folder: str | os.PathLike, config: LoRAPruneConfig, batches: l
     example = batches[0][:1, :8].to("meta")
     analysis = analyze(meta, example)
     model = load_sharded(folder, parallel.accelerator.device, dtype)
+    held = torch.tensor([sum(p.to_local().numel() * p.element_size() for p in model.parameters())],
+                        dtype=torch.float64, device=parallel.accelerator.device)
+    dist.all_reduce(held, op=dist.ReduceOp.MAX)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     scores = accelerated_lora_scores(model, analysis.groups, batches, accelerator=parallel.accelerator,
                                      lam=config.lam, seed=config.seed, r=config.r, alpha=config.alpha,
                                      batch_size=config.batch_size)
@@ -299,4 +307,4 @@ def prune_sharded(folder: str | os.PathLike, config: LoRAPruneConfig, batches: l
     save_sharded(model, plan, out_dir, parallel, dense_config=dense_config, tokenizer=tokenizer, force=force)
     before = sum(p.numel() for p in meta.parameters())
     after = sum(math.prod(plan.compact_shape(n)) if n in plan.kept else p.numel() for n, p in meta.named_parameters())
-    return ShardedResult(plan, before, after, kept)
+    return ShardedResult(plan, before, after, weight_bytes, int(held[0]), kept)

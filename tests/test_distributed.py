@@ -207,6 +207,7 @@ def test_sharded_prune_writes_the_one_process_compact_model(tmp_path, capsys):
         torch.testing.assert_close(got.state_dict()[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
     report = json.loads((out / "report.json").read_text())
     assert report["params_after"] == want.report.params_after and report["processes"] == 2
+    assert report["weight_bytes_per_process"] < 0.55 * report["weight_bytes"]  # each held its rows only
 
     capsys.readouterr()
     assert main(["prune", str(tiny_model_folder), "--shard", "--criterion", "lora", "--steps", "0",

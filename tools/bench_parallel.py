@@ -49,16 +49,19 @@ def run(cmd: list[str], threads: int) -> tuple[float, float]:
     return seconds, usage.ru_maxrss / 1024
 
 
-def lora_factor_bytes(folder: Path, r: int = 8) -> int:
-    """fp32 bytes of rank-r factors on every linear layer but the output head (what the all-reduce carries)."""
+def model_bytes(folder: Path, r: int = 8) -> tuple[int, int]:
+    """fp32 bytes of rank-r factors on every linear layer but the output head (what the all-reduce carries), and
+    of the model's weights."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    model.tie_weights()
     head = model.get_output_embeddings()
-    return sum(4 * r * (m.in_features + m.out_features) for m in model.modules()
-               if isinstance(m, torch.nn.Linear) and m is not head)
+    factors = sum(4 * r * (m.in_features + m.out_features) for m in model.modules()
+                  if isinstance(m, torch.nn.Linear) and m is not head)
+    return factors, sum(4 * p.numel() for p in model.parameters())
 
 
 def hf_folder(out: Path) -> Path:
@@ -83,6 +86,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = hf_folder(out)
+    factors, weight_bytes = model_bytes(model)
     rows = []
     compile_args = ["-m", "loraprune", "compile", str(model), "--force", "--device", "cpu", "--ratio",
                     str(args.ratio), "--steps", str(args.steps), "--no-bench", "--eval-windows", "2",
@@ -108,29 +112,32 @@ def main() -> None:
         def prune_row(folder=folder, head=head, n=n, threads=threads) -> dict:
             seconds, rss = run([*head, *prune_args, "--out", str(folder), *(["--shard"] if n == 2 else [])],
                                threads)
+            report = json.loads((folder / "report.json").read_text())
             return {"job": "prune, LoRA criterion once" + (" (--shard)" if n == 2 else ""), "processes": n,
-                    "threads_each": threads, "wall_s": seconds, "peak_rss_mib": rss}
+                    "threads_each": threads, "wall_s": seconds, "peak_rss_mib": rss,
+                    "weights_mib": report.get("weight_bytes_per_process", weight_bytes) / 2**20}
 
         rows.append(job(folder, args.resume, prune_row))
-    factors = lora_factor_bytes(model)
     lines = [f"# Two processes against one, CPU, SmolLM2-135M (ratio {args.ratio}, {args.steps} LoRAPrune steps)",
              "", "| job | processes x threads | wall s | s per step | peak RSS MiB (largest process) | "
-             "all-reduce bytes per step |", "|---|---|---:|---:|---:|---:|"]
+             "weights held per process MiB | all-reduce bytes per step |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         step = f"{r['step_s']:.2f}" if "step_s" in r else "-"
         sent = f"{r['allreduce_bytes_per_step']:,.0f}" if r.get("allreduce_bytes_per_step") else "-"
+        held = r.get("weights_mib", weight_bytes / 2**20)
         lines.append(f"| {r['job']} | {r['processes']} x {r['threads_each']} | {r['wall_s']:.0f} | {step} | "
-                     f"{r['peak_rss_mib']:.0f} | {sent} |")
+                     f"{r['peak_rss_mib']:.0f} | {held:.0f} | {sent} |")
     c1, c2, p1, p2 = rows
     lines += ["", f"LoRA factors (r=8, fp32): {factors:,} bytes; the 2-process all-reduce carries "
               f"{c2['allreduce_bytes_per_step'] / factors:.4f}x that per step (the factors' gradients and two "
               f"counters). Compile: 2 processes / 1, s per step {c2['step_s'] / c1['step_s']:.2f}x, peak RSS "
               f"{c2['peak_rss_mib'] / c1['peak_rss_mib']:.2f}x. Sharded prune / one process: wall "
-              f"{p2['wall_s'] / p1['wall_s']:.2f}x, peak RSS {p2['peak_rss_mib'] / p1['peak_rss_mib']:.2f}x."]
+              f"{p2['wall_s'] / p1['wall_s']:.2f}x, peak RSS {p2['peak_rss_mib'] / p1['peak_rss_mib']:.2f}x, "
+              f"weights held per process {p2['weights_mib'] / p1['weights_mib']:.2f}x."]
     text = "\n".join(lines) + "\n"
     (out / "bench_parallel.md").write_text(text)
-    (out / "bench_parallel.json").write_text(json.dumps({"args": vars(args), "factor_bytes": factors, "rows": rows},
-                                                        indent=1) + "\n")
+    summary = {"args": vars(args), "factor_bytes": factors, "weight_bytes": weight_bytes, "rows": rows}
+    (out / "bench_parallel.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(text)
 
 
