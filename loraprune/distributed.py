@@ -43,7 +43,7 @@ from torch import nn
 from loraprune.ir.groups import ChannelGroup
 from loraprune.lora.adapters import lora_layers, lora_params
 from loraprune.lora.training import GradientStats, causal_lm_loss
-from loraprune.parallel import local_backward, reduce_gradients, shard_step
+from loraprune.parallel import local_backward, reduce_gradients, shard_blocks, shard_step
 from loraprune.passes.criteria import GroupScores
 from loraprune.passes.criteria.lora import lora_criterion
 
@@ -149,8 +149,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra = {}
     with _watched_scoring() as seen:
         if args.sharded:
-            from loraprune.sharded import shard_blocks
-
             shard_blocks(model, accelerator.device)
         scores = accelerated_lora_scores(model, groups, batches, accelerator=accelerator, lam=args.lam,
                                          seed=args.seed, r=args.r, alpha=args.alpha)

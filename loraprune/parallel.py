@@ -25,8 +25,8 @@ from torch import nn
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-__all__ = ["DataParallel", "LocalRows", "launched", "local_backward", "local_rows", "reduce_gradients", "shard_step",
-           "target_tokens"]
+__all__ = ["DataParallel", "LocalRows", "launched", "local_backward", "local_rows", "reduce_gradients", "shard_blocks",
+           "shard_step", "target_tokens"]
 
 Batch = torch.Tensor | dict
 Loss = Callable[[nn.Module, Batch], torch.Tensor]
@@ -192,3 +192,21 @@ def local_rows(weight: torch.Tensor, owner: int = 0) -> LocalRows:
             return LocalRows(local, start, shape)
     full = weight.full_tensor().detach()
     return LocalRows(full if mine else None, 0, shape, whole=True, gathered=True)
+
+
+def shard_blocks(model: nn.Module, device: torch.device) -> nn.Module:
+    """FSDP2 over all processes on `device`'s type: each element of every nn.ModuleList is a unit, the root the
+    last. Base weights are frozen first (only LoRA factors, added later, are trained)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList):
+            for block in module:
+                fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model

@@ -36,30 +36,12 @@ import torch
 from torch import nn
 
 from loraprune.ir.plan import PrunePlan
-from loraprune.parallel import DataParallel, local_rows
+from loraprune.parallel import DataParallel, local_rows, shard_blocks
 
 if TYPE_CHECKING:
     from loraprune.config import LoRAPruneConfig
 
-__all__ = ["ShardedResult", "load_sharded", "meta_model", "prune_sharded", "save_sharded", "shard_blocks"]
-
-
-def shard_blocks(model: nn.Module, device: torch.device) -> nn.Module:
-    """FSDP2 over all processes on `device`'s type: each element of every nn.ModuleList is a unit, the root the
-    last. Base weights are frozen first (only LoRA factors, added later, are trained)."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList):
-            for block in module:
-                fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
+__all__ = ["ShardedResult", "load_sharded", "meta_model", "prune_sharded", "save_sharded"]
 
 
 def load_sharded(folder: str | os.PathLike, device: torch.device, dtype: torch.dtype | None = None) -> nn.Module:

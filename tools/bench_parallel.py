@@ -97,9 +97,10 @@ def main() -> None:
 
         def compile_row(folder=folder, head=head, n=n, threads=threads) -> dict:
             seconds, rss = run([*head, *compile_args, "--out", str(folder), "--threads", str(threads)], threads)
-            finetune = json.loads((folder / "report.json").read_text())["finetune"]
+            report = json.loads((folder / "report.json").read_text())
+            finetune = report["finetune"]
             return {"job": "compile (LoRAPrune schedule)", "processes": n, "threads_each": threads,
-                    "wall_s": seconds, "peak_rss_mib": rss, "step_s": finetune["seconds"] / args.steps,
+                    "wall_s": seconds, "peak_rss_mib": rss, "step_s": report["timings"]["finetune"] / args.steps,
                     "allreduce_bytes_per_step": finetune.get("allreduce_bytes_per_step", 0)}
 
         rows.append(job(folder, args.resume, compile_row))
