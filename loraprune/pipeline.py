@@ -275,8 +275,8 @@ def _run(options: CompileOptions, loaded, data: _Data, stages: _Stages, tmp: Pat
             analysis = analyze(dense, (data.example,))
     with stages("prune", options.criterion):
         result, finetune = _prune(options, loaded.model, dense, analysis, data, config, parallel)
-    if "seconds" in finetune:  # the fine-tuning steps alone, inside the prune stage
-        stages.timings["finetune"] = finetune.pop("seconds")
+    if "seconds" in finetune:  # the fine-tuning steps alone, a part of the prune stage
+        stages.timings["prune_finetune"] = finetune.pop("seconds")
     with stages("save"):
         adapter_dir = None if tmp is None else tmp / "adapter"
         saved = _split_adapter(result, adapter_dir) if options.keep_adapter else result.model

@@ -100,7 +100,7 @@ def main() -> None:
             report = json.loads((folder / "report.json").read_text())
             finetune = report["finetune"]
             return {"job": "compile (LoRAPrune schedule)", "processes": n, "threads_each": threads,
-                    "wall_s": seconds, "peak_rss_mib": rss, "step_s": report["timings"]["finetune"] / args.steps,
+                    "wall_s": seconds, "peak_rss_mib": rss, "step_s": report["timings"]["prune_finetune"] / args.steps,
                     "allreduce_bytes_per_step": finetune.get("allreduce_bytes_per_step", 0)}
 
         rows.append(job(folder, args.resume, compile_row))
