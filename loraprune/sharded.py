@@ -59,24 +59,25 @@ def load_sharded(folder: str | os.PathLike, device: torch.device, dtype: torch.d
     with torch.no_grad():
         for name, buffer in model.named_buffers():
             buffer.copy_(buffers[name])
-        where = {}
-        for path in files:
-            with safe_open(str(path), framework="pt") as f:
-                where |= dict.fromkeys(f.keys(), path)
-        aliases: dict[int, list[str]] = {}
+        names: dict[int, list[str]] = {}  # tied names share one parameter
         params = {}
         for name, p in model.named_parameters(remove_duplicate=False):
-            aliases.setdefault(id(p), []).append(name)
+            names.setdefault(id(p), []).append(name)
             params[id(p)] = p
-        for key, p in params.items():
-            name = next((n for n in aliases[key] if n in where), None)
-            if name is None:
-                raise ValueError(f"{folder} has no tensor for {aliases[key][0]}")
-            rows = local_rows(p)
-            if rows.whole:
-                raise RuntimeError(f"internal error: {name} is not sharded by rows")
-            with safe_open(str(where[name]), framework="pt") as f:
-                rows.local.copy_(f.get_slice(name)[rows.start:rows.start + rows.local.shape[0]])
+        for path in files:
+            with safe_open(str(path), framework="pt") as f:
+                stored = set(f.keys())
+                for key, p in list(params.items()):
+                    name = next((n for n in names[key] if n in stored), None)
+                    if name is None:
+                        continue
+                    rows = local_rows(p)
+                    if rows.whole:
+                        raise RuntimeError(f"internal error: {name} is not sharded by rows")
+                    rows.local.copy_(f.get_slice(name)[rows.start:rows.start + rows.local.shape[0]])
+                    del params[key]
+        if params:
+            raise ValueError(f"{folder} has no tensor for {names[next(iter(params))][0]}")
     return model.eval()
 
 
@@ -94,7 +95,9 @@ def meta_model(config: Any, dtype: torch.dtype | None = None) -> nn.Module:
 
 
 def _weight_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
+    from loraprune.models.save import INDEX_FILE
+
+    index = folder / INDEX_FILE
     if index.is_file():
         return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
     files = sorted(folder.glob("*.safetensors"))
