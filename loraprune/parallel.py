@@ -25,8 +25,8 @@ from torch import nn
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-__all__ = ["DataParallel", "LocalRows", "launched", "local_backward", "local_rows", "reduce_gradients", "shard_blocks",
-           "shard_step", "target_tokens"]
+__all__ = ["DataParallel", "LocalRows", "launched", "local_backward", "local_rows", "reduce_gradients", "row_spans",
+           "shard_blocks", "shard_step", "target_tokens"]
 
 Batch = torch.Tensor | dict
 Loss = Callable[[nn.Module, Batch], torch.Tensor]
@@ -171,6 +171,12 @@ class LocalRows:
     gathered: bool = False
 
 
+def row_spans(rows: int, world: int) -> list[tuple[int, int]]:
+    """Each process's rows [start, stop) of a tensor sharded by rows, as torch.chunk (and FSDP2) splits them."""
+    chunk = math.ceil(rows / world)
+    return [(min(r * chunk, rows), min((r + 1) * chunk, rows)) for r in range(world)]
+
+
 def local_rows(weight: torch.Tensor, owner: int = 0) -> LocalRows:
     """This process's rows of `weight`. A DTensor sharded by rows over all processes (a 1-D mesh, FSDP2's default
     placement) gives its local shard, split as torch.chunk splits (ceil(n / world) rows per process, FSDP2's
@@ -186,9 +192,8 @@ def local_rows(weight: torch.Tensor, owner: int = 0) -> LocalRows:
     mesh = weight.device_mesh
     if mesh.ndim == 1 and mesh.size() == dist.get_world_size() and weight.placements == (Shard(0),):
         local = weight.to_local().detach()
-        chunk = math.ceil(shape[0] / mesh.size())
-        start = min(mesh.get_local_rank() * chunk, shape[0])
-        if local.shape[0] == min(chunk, shape[0] - start):
+        start, stop = row_spans(shape[0], mesh.size())[mesh.get_local_rank()]
+        if local.shape[0] == stop - start:
             return LocalRows(local, start, shape)
     full = weight.full_tensor().detach()
     return LocalRows(full if mine else None, 0, shape, whole=True, gathered=True)

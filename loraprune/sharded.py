@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from loraprune.ir.plan import PrunePlan
-from loraprune.parallel import DataParallel, local_rows, shard_blocks
+from loraprune.parallel import DataParallel, local_rows, row_spans, shard_blocks
 
 if TYPE_CHECKING:
     from loraprune.config import LoRAPruneConfig
@@ -214,9 +214,7 @@ def _assemble(tensor: torch.Tensor, kept: dict[int, list[int]], shape: list[int]
             return None
         return _compact_piece(rows.local, kept, list(range(rows.shape[0]))) if rows.shape else rows.local.clone()
     n = rows.shape[0]
-    chunk = math.ceil(n / parallel.world)
-    spans = [(min(r * chunk, n), min((r + 1) * chunk, n)) for r in range(parallel.world)]
-    placed = [_kept_rows(kept.get(0), n, a, b) for a, b in spans]
+    placed = [_kept_rows(kept.get(0), n, a, b) for a, b in row_spans(n, parallel.world)]
     mine = _compact_piece(rows.local, kept, placed[parallel.rank][1])
     most = max(len(p) for p, _ in placed)
     padded = mine.new_zeros((most, *mine.shape[1:]))
