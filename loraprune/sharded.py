@@ -212,7 +212,8 @@ def _assemble(tensor: torch.Tensor, kept: dict[int, list[int]], shape: list[int]
     if rows.whole:  # replicated, or gathered for want of a row split: the owner cuts it
         if rows.local is None:
             return None
-        return _compact_piece(rows.local, kept, list(range(rows.shape[0]))) if rows.shape else rows.local.clone()
+        return _compact_piece(rows.local, kept, list(kept.get(0, range(rows.shape[0])))) if rows.shape else (
+            rows.local.clone())
     n = rows.shape[0]
     placed = [_kept_rows(kept.get(0), n, a, b) for a, b in row_spans(n, parallel.world)]
     mine = _compact_piece(rows.local, kept, placed[parallel.rank][1])

@@ -216,6 +216,17 @@ def test_sharded_prune_writes_the_one_process_compact_model(tmp_path, capsys):
     assert "accelerate launch" in err and len(err.splitlines()) == 1 and not (tmp_path / "alone").exists()
 
 
+def test_a_replicated_tensor_is_cut_whole_by_its_owner():
+    """A tensor no process shards (plain, or gathered for want of a row split) is cut on every dim by the plan."""
+    from types import SimpleNamespace
+
+    from loraprune.sharded import _assemble
+
+    weight = torch.arange(20.0).view(4, 5)
+    got = _assemble(weight, {0: [0, 3], 1: [1, 2, 4]}, [2, 3], 0, SimpleNamespace(rank=0, world=1))
+    torch.testing.assert_close(got, weight[[0, 3]][:, [1, 2, 4]])
+
+
 def load_pretrained_dense(folder):
     from transformers import AutoModelForCausalLM
 
