@@ -272,6 +272,7 @@ def prune_sharded(folder: str | os.PathLike, config: LoRAPruneConfig, batches: l
     if config.steps:
         raise ValueError("--shard scores once (--steps 0): LoRAPrune's fine-tuning schedule does not run on sharded "
                          "weights; fine-tune the compact model afterwards")
+    config = config.resolved(token_ids=True)  # a causal LM's folder: the language-model defaults
     dense_config = AutoConfig.from_pretrained(folder)
     meta = meta_model(dense_config).to("meta")
     example = batches[0][:1, :8].to("meta")

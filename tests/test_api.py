@@ -14,7 +14,7 @@ from pathlib import Path
 import networkx as nx
 import pytest
 import torch
-from zoo import tiny_llama, token_ids
+from zoo import tiny_cnn, tiny_llama, token_ids
 
 import loraprune
 from loraprune import LoRAPruneConfig, MagnitudeConfig, RandomConfig, SelectConfig, TaylorConfig, prune
@@ -86,13 +86,34 @@ def test_the_report_is_typed_and_serialisable(tmp_path):
     assert report.groups_pruned == {"attention": 2, "mlp": 2} and report.verify["ok"]
     data = json.loads(json.dumps(report.to_dict()))
     assert data["params_removed_fraction"] == pytest.approx(report.params_removed_fraction)
-    assert config_from_dict(data["config"]) == TaylorConfig(ratio=0.5, exclude_first=0, exclude_last=False)
+    # the report records the options the prune applied: those left None resolved for a token-id model
+    assert config_from_dict(data["config"]) == TaylorConfig(ratio=0.5, exclude_first=0, exclude_last=False,
+                                                            prune_hidden=False)
     assert result.plan.meta["config"] == data["config"]
     # the result knows the dense config: saving needs nothing else
     out = loraprune.save_pretrained(result, tmp_path / "m")
     reloaded = loraprune.load_pretrained(out)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(token_ids()).logits, result.model(token_ids()).logits)
+
+
+def test_selection_defaults_follow_the_inputs_and_explicit_options_win():
+    """Token ids in: a language model keeps its residual stream and end layers whole. Images in: every group is
+    pruned, the residual stream included, no layer kept whole (what Torch-Pruning does for vision models)."""
+    language = prune(tiny_llama(), token_ids(), MagnitudeConfig(ratio=0.5)).report
+    assert {k: language.config[k] for k in ("prune_hidden", "exclude_first", "exclude_last")} == \
+        {"prune_hidden": False, "exclude_first": 0.1, "exclude_last": True}
+    assert "hidden" not in language.groups_pruned and language.verify["exact"]
+    normed = prune(tiny_llama(), token_ids(), MagnitudeConfig(ratio=0.5, prune_hidden=True)).report
+    assert normed.groups_pruned["hidden"] == 1 and not normed.verify["exact"]  # RMSNorm over the hidden stream
+    images = torch.randn(2, 3, 8, 8)
+    vision = prune(tiny_cnn(), images, MagnitudeConfig(ratio=0.5)).report
+    assert {k: vision.config[k] for k in ("prune_hidden", "exclude_first", "exclude_last")} == \
+        {"prune_hidden": True, "exclude_first": 0.0, "exclude_last": False}
+    assert vision.groups_pruned == {"channel": 3, "hidden": 1}
+    assert vision.verify["exact"] and vision.verify["ok"]  # BatchNorm is per channel: still checked exactly
+    kept = prune(tiny_cnn(), images, MagnitudeConfig(ratio=0.5, prune_hidden=False)).report
+    assert "hidden" not in kept.groups_pruned and kept.params_after > vision.params_after
 
 
 def test_the_one_verb_runs_loraprune_as_its_building_blocks_do():

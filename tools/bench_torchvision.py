@@ -6,9 +6,11 @@ MetaPruner with L2 magnitude at the same ratio (the classifier left whole, as in
 1x3x128x128, 1x3x224x224 for the vision transformers (their patch grids and windows are fixed at 224).
 
 "Verified" means, for loraprune, that the compact model equals the masked dense model (`prune` checks it and stops
-otherwise); for Torch-Pruning, which has no such check, that the pruned model runs and returns the dense model's
-output shape. The table gives each model's status and parameters removed, then the models verified by each tool
-and the median fraction of parameters removed over the models where both succeed. Files are rewritten after
+otherwise), except where a pruned residual stream feeds a norm over its channels (ConvNeXt's, the transformers'
+LayerNorms): no masked model equals the compact one there, the difference is reported and the cell says "approx.";
+for Torch-Pruning, which has no such check, that the pruned model runs and returns the dense model's output shape.
+The table gives each model's status and parameters removed, then the models verified by each tool and the median
+fraction of parameters removed over the models where both succeed. Files are rewritten after
 every model, so an interrupted run keeps what it measured.
 
 Needs torchvision (its CPU build, matching torch) and torch-pruning==1.6.1 (the `bench` extra), both installed
@@ -73,9 +75,9 @@ def run_loraprune(model: nn.Module, x: torch.Tensor) -> dict:
     with torch.no_grad():
         shape_ok = result.model(x).shape == model(x).shape
     report = result.report
-    return {"verified": bool(report.verify["ok"]) and shape_ok, "params_before": report.params_before,
-            "params_after": report.params_after,
-            "frozen_ops": sorted(Counter(f["op"] for f in report.frozen))}
+    return {"verified": bool(report.verify["ok"]) and shape_ok, "exact": report.verify["exact"],
+            "relative_diff": report.verify["relative_diff"], "params_before": report.params_before,
+            "params_after": report.params_after, "frozen_ops": sorted(Counter(f["op"] for f in report.frozen))}
 
 
 def run_torch_pruning(model: nn.Module, x: torch.Tensor) -> dict:
@@ -132,13 +134,14 @@ def summary(rows: list[dict]) -> dict:
     medians = {t: statistics.median(r[t]["removed"] for r in both) if both else None for t in TOOLS}
     frozen = Counter(op for r in measured for op in r["loraprune"].get("frozen_ops", []))
     return {"models": len(measured), "verified": {t: sum(r[t]["verified"] for r in measured) for t in TOOLS},
+            "loraprune_verified_exactly": sum(r["loraprune"]["verified"] and r["loraprune"]["exact"] for r in measured),
             "both_verified": len(both), "median_removed_where_both": medians,
             "loraprune_frozen_ops_models": dict(frozen.most_common())}
 
 
 def _cell(out: dict) -> str:
     if out.get("verified"):
-        return f"{out['removed']:.1%}"
+        return f"{out['removed']:.1%}" + ("" if out.get("exact", True) else " (approx.)")
     if "error" in out:
         return f"failed: {out['error']}".replace("|", "/")
     return "ran, wrong output shape"
@@ -147,8 +150,8 @@ def _cell(out: dict) -> str:
 def markdown(rows: list[dict], s: dict, command: str) -> str:
     med = s["median_removed_where_both"]
     lines = [f"torchvision classification models, random weights, magnitude at ratio {RATIO}; command: `{command}`", "",
-             f"- models: {s['models']}; verified: loraprune {s['verified']['loraprune']}, Torch-Pruning "
-             f"{s['verified']['torch_pruning']}",
+             f"- models: {s['models']}; verified: loraprune {s['verified']['loraprune']} "
+             f"({s['loraprune_verified_exactly']} exactly), Torch-Pruning {s['verified']['torch_pruning']}",
              f"- median parameters removed where both verified ({s['both_verified']} models): loraprune "
              + (f"{med['loraprune']:.1%}, Torch-Pruning {med['torch_pruning']:.1%}" if s["both_verified"] else "-"),
              "- loraprune's frozen reports, by op (models): "
@@ -182,11 +185,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["tools/bench_torchvision.py", "--out", args.out] + (["--only", *args.only] if args.only else [])
                        + (["--limit", str(args.limit)] if args.limit else []))
-    import torch_pruning
-    import torchvision
+    from importlib.metadata import version  # torch_pruning.__version__ still says 1.6.0 in its 1.6.1 wheel
 
-    versions = {"torch": torch.__version__, "torchvision": torchvision.__version__,
-                "torch_pruning": torch_pruning.__version__, "threads": torch.get_num_threads()}
+    versions = {"torch": torch.__version__, "torchvision": version("torchvision"),
+                "torch_pruning": version("torch-pruning"), "threads": torch.get_num_threads()}
     rows: list[dict] = []
     for i, name in enumerate(names, 1):
         rows.append(measure(name))

@@ -25,6 +25,8 @@ class ChannelGroup:
     `members` maps (state_dict name, dim) to the unit id of each index along that dim (-1 where the index
     belongs to another group or is frozen). For attention under GQA, `kv_members` holds the KV-head units
     and `kv_of_unit` the KV unit each query-head unit reads; removing a KV unit removes its query heads.
+    `reduced`: some op takes a statistic over these channels (a LayerNorm over the hidden stream), so removing
+    units changes it and the compact model only approximates the masked one; only hidden-stream groups can be.
     """
 
     name: str
@@ -37,6 +39,7 @@ class ChannelGroup:
     kv_members: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
     num_kv_units: int = 0
     kv_of_unit: np.ndarray | None = None
+    reduced: bool = False
 
     @property
     def params(self) -> list[str]:

@@ -231,7 +231,7 @@ def _assemble(keys: list[tuple[str, int]], roots: list[np.ndarray], sol: Solutio
         order = min(order_of.get(p, 0) for p in names)
         name = "hidden" if kind == "hidden" else module_of(names) or "model"
         groups.append(ChannelGroup(name, kind, len(units), unit_size, members, order, None, kv_members, num_kv,
-                                   kv_of_unit))
+                                   kv_of_unit, reduced=bool(sol.reduced[units].any())))
     groups.sort(key=lambda g: (g.order, g.kind))
     seen: dict[str, int] = {}
     for g in groups:  # names key the kept units and scores: groups of one module (or of the root) get a suffix

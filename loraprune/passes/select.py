@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
+from typing import Self
 
 import numpy as np
+import torch
 
 from loraprune.ir.groups import ChannelGroup
 
-__all__ = ["SelectConfig", "excluded_groups", "select_units"]
+__all__ = ["LANGUAGE_MODEL_DEFAULTS", "WHOLE_MODEL_DEFAULTS", "SelectConfig", "excluded_groups", "select_units",
+           "takes_token_ids"]
+
+# Where a SelectConfig leaves these None, the model's inputs choose. A language model (token ids in) keeps its
+# residual stream and its first ~10% and last layers whole, as LoRAPrune and LLM-Pruner do: those are where
+# LLM quality breaks first. Any other model (images, features in) has every group pruned, residual streams and
+# end layers included, as DepGraph / Torch-Pruning do for vision models: keeping them whole there leaves most
+# of the parameters (a median 16% removed against Torch-Pruning's 50% on torchvision at the same ratio).
+LANGUAGE_MODEL_DEFAULTS = {"prune_hidden": False, "exclude_first": 0.1, "exclude_last": True}
+WHOLE_MODEL_DEFAULTS = {"prune_hidden": True, "exclude_first": 0.0, "exclude_last": False}
+
+
+def takes_token_ids(example_inputs: tuple) -> bool:
+    """Whether the model's first tensor input is integer (token ids): what tells a language model here."""
+    first = next((t for t in example_inputs if isinstance(t, torch.Tensor)), None)
+    return first is not None and not (first.is_floating_point() or first.is_complex())
 
 
 @dataclass
@@ -21,14 +39,17 @@ class SelectConfig:
     attention: "kv_groups" removes whole KV groups with their query heads; "query_heads" removes query heads
       evenly inside every KV group (KV heads stay); "auto" takes kv_groups when there are >= 4 KV groups,
       else query_heads (with 1-3 KV groups, whole-group steps are too coarse; MQA has one group).
+    prune_hidden / exclude_first / exclude_last: prune the residual-stream groups; keep the first fraction of
+      layers and the last layer whole. None: chosen from the model's inputs (`resolved`; LANGUAGE_MODEL_DEFAULTS
+      for token ids, WHOLE_MODEL_DEFAULTS otherwise); `prune` resolves them before anything reads them.
     """
 
     ratio: float = 0.2
     scope: str = "uniform"
     attention: str = "auto"
-    prune_hidden: bool = False
-    exclude_first: float = 0.1
-    exclude_last: bool = True
+    prune_hidden: bool | None = None
+    exclude_first: float | None = None
+    exclude_last: bool | None = None
     round_to: int = 1
     min_keep: int = 1
 
@@ -41,13 +62,22 @@ class SelectConfig:
             raise ValueError(f"attention must be 'auto', 'kv_groups' or 'query_heads', got {self.attention!r}")
         if self.round_to < 1 or self.min_keep < 1:
             raise ValueError("round_to and min_keep must be >= 1")
+        if self.exclude_first is not None and not 0.0 <= self.exclude_first < 1.0:
+            raise ValueError(f"exclude_first must be in [0, 1), got {self.exclude_first!r}")
+
+    def resolved(self, token_ids: bool = True) -> Self:
+        """A copy with every None option set: the language-model defaults for a model that takes token ids,
+        the whole-model ones otherwise."""
+        defaults = LANGUAGE_MODEL_DEFAULTS if token_ids else WHOLE_MODEL_DEFAULTS
+        return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def excluded_groups(groups: list[ChannelGroup], config: SelectConfig) -> set[str]:
-    """The first ~10% of layers and the last layer stay whole (LoRAPrune's default for LLMs)."""
+    """The first `exclude_first` of the layers and, with `exclude_last`, the last layer stay whole."""
+    config = config.resolved()
     out = set()
     for kind in ("attention", "mlp", "channel"):
         layers = [g for g in groups if g.kind == kind and g.layer is not None]
@@ -99,7 +129,9 @@ def _select_attention(group: ChannelGroup, scores: np.ndarray, kv_scores: np.nda
 
 def select_units(groups: list[ChannelGroup], scores: dict[str, np.ndarray], config: SelectConfig,
                  kv_scores: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """Kept unit ids per group name. Groups that are excluded or not asked for keep everything."""
+    """Kept unit ids per group name. Groups that are excluded or not asked for keep everything. Options left
+    None take the language-model defaults here (`prune` resolves them from the inputs before)."""
+    config = config.resolved()
     kv_scores = kv_scores or {}
     skip = excluded_groups(groups, config)
     active = [g for g in groups if g.name not in skip and (g.kind != "hidden" or config.prune_hidden)
