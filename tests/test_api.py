@@ -116,6 +116,29 @@ def test_selection_defaults_follow_the_inputs_and_explicit_options_win():
     assert "hidden" not in kept.groups_pruned and kept.params_after > vision.params_after
 
 
+class ReadsHiddenWidth(torch.nn.Module):
+    """Reshapes an inner tensor by the width it reads off the hidden stream (as torchvision's MaxViT attention
+    does): with the hidden stream pruned and the inner width frozen (flip has no rule) the sizes part ways."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.inner, self.out = torch.nn.Linear(6, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        b, n, d = h.shape
+        y = torch.flip(self.inner(h), dims=[-1]).reshape(b * n, d)
+        return self.head(h + self.out(y).reshape(b, n, d))
+
+
+def test_a_compact_model_that_breaks_with_the_hidden_stream_pruned_says_how_to_keep_it():
+    x = torch.randn(2, 5, 6)
+    with pytest.raises(RuntimeError, match="does not run .*prune_hidden=False keeps it whole"):
+        prune(ReadsHiddenWidth(), x, MagnitudeConfig(ratio=0.3))
+    assert prune(ReadsHiddenWidth(), x, MagnitudeConfig(ratio=0.3, prune_hidden=False)).report.verify["ok"]
+
+
 def test_the_one_verb_runs_loraprune_as_its_building_blocks_do():
     """`prune(model, x, LoRAPruneConfig(...))` is the LoRAPrune driver the package had before the one verb
     (`passes.lora_importance.lora_prune`), spelled here from its building blocks: add_lora, analyse the PEFT

@@ -17,6 +17,7 @@ Needs torchvision (its CPU build, matching torch) and torch-pruning==1.6.1 (the 
 without dependencies so that torch stays the CPU wheel.
 
     .venv/bin/python tools/bench_torchvision.py --out runs/bench_torchvision [--only resnet18 ...] [--limit N]
+        [--threads N] [--memory-gb 16] [--resume]
 """
 
 from __future__ import annotations
@@ -107,6 +108,17 @@ def run_torch_pruning(model: nn.Module, x: torch.Tensor) -> dict:
 TOOLS = {"loraprune": run_loraprune, "torch_pruning": run_torch_pruning}
 
 
+def cap_memory(gigabytes: float) -> None:
+    """A model that would take the whole machine fails its row instead (an allocation error), and the run goes
+    on: the address space is capped at what the process holds now plus `gigabytes`."""
+    import resource
+
+    with open("/proc/self/statm") as f:
+        held = int(f.read().split()[0]) * resource.getpagesize()
+    limit = held + int(gigabytes * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
 def measure(name: str) -> dict:
     """Both tools on one model, each on its own fresh copy; a failure is a row, never a stop."""
     row: dict = {"model": name, "input": input_size(name)}
@@ -171,9 +183,13 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="model names (torchvision.models.list_models)")
     parser.add_argument("--limit", type=int, default=None, help="the first N models of the list")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--memory-gb", type=float, default=16.0,
+                        help="address space either tool may add to this process; past it, that tool's row fails")
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in --out, run the rest")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    cap_memory(args.memory_gb)
     names = model_names()
     if args.only:
         unknown = sorted(set(args.only) - set(names))
@@ -184,13 +200,17 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["tools/bench_torchvision.py", "--out", args.out] + (["--only", *args.only] if args.only else [])
-                       + (["--limit", str(args.limit)] if args.limit else []))
+                       + (["--limit", str(args.limit)] if args.limit else []) + ["--memory-gb", f"{args.memory_gb:g}"])
     from importlib.metadata import version  # torch_pruning.__version__ still says 1.6.0 in its 1.6.1 wheel
 
     versions = {"torch": torch.__version__, "torchvision": version("torchvision"),
                 "torch_pruning": version("torch-pruning"), "threads": torch.get_num_threads()}
-    rows: list[dict] = []
+    saved = out / "bench_torchvision.json"
+    rows: list[dict] = json.loads(saved.read_text())["rows"] if args.resume and saved.is_file() else []
+    done = {r["model"] for r in rows}
     for i, name in enumerate(names, 1):
+        if name in done:
+            continue
         rows.append(measure(name))
         s = summary(rows)
         (out / "bench_torchvision.json").write_text(json.dumps({"versions": versions, "ratio": RATIO, "summary": s,

@@ -97,7 +97,8 @@ ARCHITECTURES = {
     "GptOss": ("GptOssConfig", "GptOssForCausalLM", dict(num_key_value_heads=2, head_dim=16, num_local_experts=4,
                                                          num_experts_per_tok=2, sliding_window=8)),
     "Dots1": ("Dots1Config", "Dots1ForCausalLM", dict(num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2,
-                                                      moe_intermediate_size=32, first_k_dense_replace=2)),
+                                                      moe_intermediate_size=32, first_k_dense_replace=2,
+                                                      n_shared_experts=1)),
     "DeepseekV3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
         num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
         first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
@@ -111,11 +112,14 @@ GQA = dict(hidden_size=96, num_hidden_layers=4, num_attention_heads=6, num_key_v
 
 
 def variants() -> dict[str, tuple[str, str, dict]]:
-    """Every architecture, followed by its grouped-query variant where its config takes num_key_value_heads."""
+    """Every architecture, followed by its grouped-query variant where its config takes num_key_value_heads.
+    Multi-head latent attention (a `kv_lora_rank`: DeepSeek-V3, MiniCPM3) has no KV-head grouping to vary: its
+    keys come per query head from a latent all heads share, and its configs carry num_key_value_heads unused."""
     out = {}
     for name, (config_cls, model_cls, overrides) in ARCHITECTURES.items():
         out[name] = (config_cls, model_cls, overrides)
-        if "num_key_value_heads" in inspect.signature(getattr(transformers, config_cls).__init__).parameters:
+        if "num_key_value_heads" in inspect.signature(getattr(transformers, config_cls).__init__).parameters \
+                and "kv_lora_rank" not in overrides:
             out[f"{name}-GQA"] = (config_cls, model_cls, {**overrides, **GQA})
     return out
 
