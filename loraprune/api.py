@@ -9,6 +9,7 @@ it is returned, and the input model is never modified.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -64,6 +65,7 @@ class PruneReport:
     lora_params: int = 0
     merged: bool = True
     biases_compensated: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the prune changed from its config, and why
     teacher_bytes: int = 0
 
     @property
@@ -115,14 +117,16 @@ def prune(model: nn.Module, example_inputs: tuple | torch.Tensor, config: PruneC
         example_inputs = (example_inputs,)
     device = device_of(model)  # traced and verified where the model lives
     example_inputs = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in example_inputs)
-    config = config.resolved(takes_token_ids(example_inputs))  # the defaults a language model or another takes
+    token_ids = takes_token_ids(example_inputs)
+    hidden_by_default = config.prune_hidden is None and not token_ids
+    config = config.resolved(token_ids)  # the defaults a language model or another model takes
     if isinstance(config, LoRAPruneConfig) and config.steps > 0:
         if analysis is not None or scores is not None:
             raise ValueError("LoRAPrune analyses and scores the adapter-wrapped model itself: pass no analysis "
                              "or scores")
         result = _lora_prune(model, example_inputs, config, batches, parallel)
     else:
-        result = _one_shot(model, example_inputs, config, batches, analysis, scores, stats)
+        result = _one_shot(model, example_inputs, config, batches, analysis, scores, stats, hidden_by_default)
     base = model.get_base_model() if is_peft_model(model) else model
     result.dense_config = copy.deepcopy(getattr(base, "config", None))
     return result
@@ -136,8 +140,10 @@ def _timed(timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
 
 
 def _one_shot(model: nn.Module, example_inputs: tuple, config: PruneConfig, batches: Batches,
-              analysis: Analysis | None, scores: GroupScores | None, stats: GradientStats | None) -> PruneResult:
-    """Score once, select, rewrite, verify against the masked dense model."""
+              analysis: Analysis | None, scores: GroupScores | None, stats: GradientStats | None,
+              hidden_by_default: bool = False) -> PruneResult:
+    """Score once, select, rewrite, verify against the masked dense model. A hidden stream pruned by default
+    (not asked for) that breaks the compact model is kept whole instead, and the report says so."""
     timings: dict[str, float] = {}
     if analysis is None:
         analysis = _timed(timings, "trace_and_dependency", lambda: build_groups(trace(model, example_inputs)))
@@ -149,6 +155,26 @@ def _one_shot(model: nn.Module, example_inputs: tuple, config: PruneConfig, batc
         scores = _timed(timings, "importance",
                         lambda: CRITERIA[config.criterion](model, analysis.groups, batches=batches, **options))
     annotate_scores(analysis.program, analysis.groups, scores, config.criterion)
+    notes = []
+    try:
+        compact, plan, kept, shifts, check = _cut(model, example_inputs, config, analysis, scores, timings)
+    except HiddenStreamBreaks as err:
+        if not hidden_by_default:
+            raise
+        config = dataclasses.replace(config, prune_hidden=False)
+        notes.append(f"hidden stream kept whole: the compact model did not run with it pruned ({err.cause})")
+        compact, plan, kept, shifts, check = _cut(model, example_inputs, config, analysis, scores, timings)
+    macs = _timed(timings, "count_macs", lambda: _macs(model, compact, example_inputs, config))
+    report = _report(config, analysis, analysis.groups, kept, count_params(model), count_params(compact), macs, check,
+                     timings)
+    report.biases_compensated = sorted(shifts)
+    report.notes = notes
+    return PruneResult(compact, plan, analysis.groups, report, kept, analysis)
+
+
+def _cut(model: nn.Module, example_inputs: tuple, config: PruneConfig, analysis: Analysis, scores: GroupScores,
+         timings: dict[str, float]):
+    """Select by the scores, rewrite a copy, verify it against the masked dense model."""
     start = time.perf_counter()
     kept = select_units(analysis.groups, scores.units, config.selection(), scores.kv)
     plan = make_plan(analysis.groups, kept, analysis.param_shapes, analysis.program.aliases,
@@ -160,11 +186,7 @@ def _one_shot(model: nn.Module, example_inputs: tuple, config: PruneConfig, batc
     masked = _shift_biases(masked_copy(model, analysis.groups, kept), shifts)
     check = _timed(timings, "verify", lambda: _verify(logits(masked, example_inputs), compact, example_inputs,
                                                       analysis.groups, kept))
-    macs = _timed(timings, "count_macs", lambda: _macs(model, compact, example_inputs, config))
-    report = _report(config, analysis, analysis.groups, kept, count_params(model), count_params(compact), macs, check,
-                     timings)
-    report.biases_compensated = sorted(shifts)
-    return PruneResult(compact, plan, analysis.groups, report, kept, analysis)
+    return compact, plan, kept, shifts, check
 
 
 @torch.no_grad()
@@ -227,6 +249,15 @@ def _lora_prune(model: nn.Module, example_inputs: tuple, config: LoRAPruneConfig
     return PruneResult(compact, plan, groups, report, kept, analysis)
 
 
+class HiddenStreamBreaks(RuntimeError):
+    """The compact model does not run with its hidden stream pruned: its code reads the hidden width off one
+    tensor and reshapes another by it (MaxViT's and Swin's attention), which a traced graph cannot show."""
+
+    def __init__(self, err: RuntimeError) -> None:
+        self.cause = str(err.__cause__ or err).splitlines()[0]  # the model's own error, under compact_logits' line
+        super().__init__(f"{err}; the hidden stream was pruned: prune_hidden=False keeps it whole")
+
+
 def _verify(reference: torch.Tensor, compact: nn.Module, example_inputs: tuple, groups: list[ChannelGroup],
             kept: dict[str, np.ndarray]) -> dict:
     """The rewrite invariant, checked on every prune: a failure stops it. The compact model must equal the
@@ -237,7 +268,7 @@ def _verify(reference: torch.Tensor, compact: nn.Module, example_inputs: tuple, 
         compact_out = compact_logits(compact, example_inputs)
     except RuntimeError as err:
         if any(g.kind == "hidden" for g in pruned):  # code may read the hidden width off another tensor
-            raise RuntimeError(f"{err}; the hidden stream was pruned: prune_hidden=False keeps it whole") from err
+            raise HiddenStreamBreaks(err) from err
         raise
     check = compare_logits(reference, compact_out, exact=not any(g.reduced for g in pruned),
                            dtype=model_dtype(compact))

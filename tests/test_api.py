@@ -132,11 +132,16 @@ class ReadsHiddenWidth(torch.nn.Module):
         return self.head(h + self.out(y).reshape(b, n, d))
 
 
-def test_a_compact_model_that_breaks_with_the_hidden_stream_pruned_says_how_to_keep_it():
+def test_a_hidden_stream_that_breaks_the_compact_model_is_kept_whole_unless_asked_for():
+    """Pruned by default (images in), the hidden stream goes back to whole and the report says why; asked for
+    explicitly, the prune stops with a line saying how to keep it."""
     x = torch.randn(2, 5, 6)
+    report = prune(ReadsHiddenWidth(), x, MagnitudeConfig(ratio=0.3)).report
+    assert report.config["prune_hidden"] is False and report.verify["ok"] and report.verify["exact"]
+    (note,) = report.notes
+    assert note.startswith("hidden stream kept whole: the compact model did not run with it pruned (shape '[")
     with pytest.raises(RuntimeError, match="does not run .*prune_hidden=False keeps it whole"):
-        prune(ReadsHiddenWidth(), x, MagnitudeConfig(ratio=0.3))
-    assert prune(ReadsHiddenWidth(), x, MagnitudeConfig(ratio=0.3, prune_hidden=False)).report.verify["ok"]
+        prune(ReadsHiddenWidth(), x, MagnitudeConfig(ratio=0.3, prune_hidden=True))
 
 
 def test_the_one_verb_runs_loraprune_as_its_building_blocks_do():

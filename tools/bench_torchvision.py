@@ -23,8 +23,9 @@ without dependencies so that torch stays the CPU wheel.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import multiprocessing
+import queue
 import re
 import statistics
 import time
@@ -109,8 +110,8 @@ TOOLS = {"loraprune": run_loraprune, "torch_pruning": run_torch_pruning}
 
 
 def cap_memory(gigabytes: float) -> None:
-    """A model that would take the whole machine fails its row instead (an allocation error), and the run goes
-    on: the address space is capped at what the process holds now plus `gigabytes`."""
+    """A model that would take the whole machine fails its row instead (an allocation error): the address
+    space is capped at what the process holds now plus `gigabytes`."""
     import resource
 
     with open("/proc/self/statm") as f:
@@ -119,23 +120,45 @@ def cap_memory(gigabytes: float) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def measure(name: str) -> dict:
-    """Both tools on one model, each on its own fresh copy; a failure is a row, never a stop."""
-    row: dict = {"model": name, "input": input_size(name)}
+def run_tool(name: str, tool: str, gigabytes: float, threads: int | None, results) -> None:
+    """One tool on one model, in a process of its own, so that memory a tool holds on to (or a failed
+    allocation leaves) never reaches the next model; its address space capped (`cap_memory`)."""
+    if threads:
+        torch.set_num_threads(threads)
+    cap_memory(gigabytes)
     try:
         dense = build(name)
     except Exception as err:  # a model torchvision cannot build here: reported as such
-        return row | {"build_error": first_line(err)}
-    x = torch.randn(1, 3, row["input"], row["input"], generator=torch.Generator().manual_seed(0))
-    for tool, fn in TOOLS.items():
-        start = time.perf_counter()
+        results.put({"build_error": first_line(err)})
+        return
+    size = input_size(name)
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    try:
+        out = TOOLS[tool](dense, x)
+        out["removed"] = 1 - out["params_after"] / out["params_before"]
+    except Exception as err:
+        where = traceback.extract_tb(err.__traceback__)[-1].name
+        out = {"verified": False, "error": first_line(err), "where": where}
+    out["seconds"] = round(time.perf_counter() - start, 2)
+    results.put(out)
+
+
+def measure(name: str, gigabytes: float, threads: int | None) -> dict:
+    """Both tools on one model, each in a fresh process; a failure (a dead process included) is a row."""
+    row: dict = {"model": name, "input": input_size(name)}
+    context = multiprocessing.get_context("spawn")
+    for tool in TOOLS:
+        results = context.Queue()
+        child = context.Process(target=run_tool, args=(name, tool, gigabytes, threads, results))
+        child.start()
+        child.join()
         try:
-            out = fn(copy.deepcopy(dense), x)
-            out["removed"] = 1 - out["params_after"] / out["params_before"]
-        except Exception as err:
-            where = traceback.extract_tb(err.__traceback__)[-1].name
-            out = {"verified": False, "error": first_line(err), "where": where}
-        out["seconds"] = round(time.perf_counter() - start, 2)
+            out = results.get(timeout=10)
+        except queue.Empty:
+            out = {"verified": False, "error": f"the process died (exit code {child.exitcode})"}
+        if "build_error" in out:
+            return row | out
         row[tool] = out
     return row
 
@@ -187,9 +210,6 @@ def main() -> None:
                         help="address space either tool may add to this process; past it, that tool's row fails")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --out, run the rest")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cap_memory(args.memory_gb)
     names = model_names()
     if args.only:
         unknown = sorted(set(args.only) - set(names))
@@ -204,14 +224,14 @@ def main() -> None:
     from importlib.metadata import version  # torch_pruning.__version__ still says 1.6.0 in its 1.6.1 wheel
 
     versions = {"torch": torch.__version__, "torchvision": version("torchvision"),
-                "torch_pruning": version("torch-pruning"), "threads": torch.get_num_threads()}
+                "torch_pruning": version("torch-pruning"), "threads": args.threads or torch.get_num_threads()}
     saved = out / "bench_torchvision.json"
     rows: list[dict] = json.loads(saved.read_text())["rows"] if args.resume and saved.is_file() else []
     done = {r["model"] for r in rows}
     for i, name in enumerate(names, 1):
         if name in done:
             continue
-        rows.append(measure(name))
+        rows.append(measure(name, args.memory_gb, args.threads))
         s = summary(rows)
         (out / "bench_torchvision.json").write_text(json.dumps({"versions": versions, "ratio": RATIO, "summary": s,
                                                                 "rows": rows}, indent=2))
