@@ -19,7 +19,7 @@ __all__ = ["LANGUAGE_MODEL_DEFAULTS", "WHOLE_MODEL_DEFAULTS", "SelectConfig", "e
 # residual stream and its first ~10% and last layers whole, as LoRAPrune and LLM-Pruner do: those are where
 # LLM quality breaks first. Any other model (images, features in) has every group pruned, residual streams and
 # end layers included, as DepGraph / Torch-Pruning do for vision models: keeping them whole there leaves most
-# of the parameters (a median 16% removed against Torch-Pruning's 50% on torchvision at the same ratio).
+# of the parameters in place (docs/results.md, "torchvision beside Torch-Pruning").
 LANGUAGE_MODEL_DEFAULTS = {"prune_hidden": False, "exclude_first": 0.1, "exclude_last": True}
 WHOLE_MODEL_DEFAULTS = {"prune_hidden": True, "exclude_first": 0.0, "exclude_last": False}
 
