@@ -100,19 +100,19 @@ def test_the_report_is_typed_and_serialisable(tmp_path):
 def test_selection_defaults_follow_the_inputs_and_explicit_options_win():
     """Token ids in: a language model keeps its residual stream and end layers whole. Images in: every group is
     pruned, the residual stream included, no layer kept whole (what Torch-Pruning does for vision models)."""
-    language = prune(tiny_llama(), token_ids(), MagnitudeConfig(ratio=0.5)).report
+    language = prune(tiny_llama(), token_ids(), MagnitudeConfig(ratio=0.5, count_macs=False)).report
     assert {k: language.config[k] for k in ("prune_hidden", "exclude_first", "exclude_last")} == \
         {"prune_hidden": False, "exclude_first": 0.1, "exclude_last": True}
     assert "hidden" not in language.groups_pruned and language.verify["exact"]
-    normed = prune(tiny_llama(), token_ids(), MagnitudeConfig(ratio=0.5, prune_hidden=True)).report
+    normed = prune(tiny_llama(), token_ids(), MagnitudeConfig(ratio=0.5, prune_hidden=True, count_macs=False)).report
     assert normed.groups_pruned["hidden"] == 1 and not normed.verify["exact"]  # RMSNorm over the hidden stream
     images = torch.randn(2, 3, 8, 8)
-    vision = prune(tiny_cnn(), images, MagnitudeConfig(ratio=0.5)).report
+    vision = prune(tiny_cnn(), images, MagnitudeConfig(ratio=0.5, count_macs=False)).report
     assert {k: vision.config[k] for k in ("prune_hidden", "exclude_first", "exclude_last")} == \
         {"prune_hidden": True, "exclude_first": 0.0, "exclude_last": False}
     assert vision.groups_pruned == {"channel": 3, "hidden": 1}
     assert vision.verify["exact"] and vision.verify["ok"]  # BatchNorm is per channel: still checked exactly
-    kept = prune(tiny_cnn(), images, MagnitudeConfig(ratio=0.5, prune_hidden=False)).report
+    kept = prune(tiny_cnn(), images, MagnitudeConfig(ratio=0.5, prune_hidden=False, count_macs=False)).report
     assert "hidden" not in kept.groups_pruned and kept.params_after > vision.params_after
 
 
@@ -136,12 +136,12 @@ def test_a_hidden_stream_that_breaks_the_compact_model_is_kept_whole_unless_aske
     """Pruned by default (images in), the hidden stream goes back to whole and the report says why; asked for
     explicitly, the prune stops with a line saying how to keep it."""
     x = torch.randn(2, 5, 6)
-    report = prune(ReadsHiddenWidth(), x, MagnitudeConfig(ratio=0.3)).report
+    report = prune(ReadsHiddenWidth(), x, MagnitudeConfig(ratio=0.3, count_macs=False)).report
     assert report.config["prune_hidden"] is False and report.verify["ok"] and report.verify["exact"]
     (note,) = report.notes
     assert note.startswith("hidden stream kept whole: the compact model did not run with it pruned (shape '[")
     with pytest.raises(RuntimeError, match="does not run .*prune_hidden=False keeps it whole"):
-        prune(ReadsHiddenWidth(), x, MagnitudeConfig(ratio=0.3, prune_hidden=True))
+        prune(ReadsHiddenWidth(), x, MagnitudeConfig(ratio=0.3, prune_hidden=True, count_macs=False))
 
 
 def test_the_one_verb_runs_loraprune_as_its_building_blocks_do():

@@ -126,7 +126,9 @@ class SharedConfigModel(nn.Module):
 def test_a_model_reading_widths_from_a_shared_config_runs_at_per_layer_widths():
     torch.manual_seed(0)
     model = SharedConfigModel().eval()
-    result = prune(model, torch.randn(2, 5, 16), MagnitudeConfig(ratio=0.5))  # verified against the masked model
+    # embeddings in, not token ids: the language-model selection asked for (first and last blocks whole)
+    config = MagnitudeConfig(ratio=0.5, prune_hidden=False, exclude_first=0.1, exclude_last=True)
+    result = prune(model, torch.randn(2, 5, 16), config)  # verified against the masked model
     blocks = result.model.blocks
     assert [b.attn.o.in_features for b in blocks] == [16, 8, 8, 16]
     assert [b.mlp.down.in_features for b in blocks] == [24, 12, 12, 24]
