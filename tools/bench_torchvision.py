@@ -13,10 +13,11 @@ The table gives each model's status and parameters removed, then the models veri
 fraction of parameters removed over the models where both succeed. Files are rewritten after
 every model, so an interrupted run keeps what it measured.
 
-Needs torchvision (its CPU build, matching torch) and torch-pruning==1.6.1 (the `bench` extra), both installed
-without dependencies so that torch stays the CPU wheel.
+Needs torchvision, which does not import beside the project's torch 2.13.0 CPU wheel here: a venv of its own
+with torch and torchvision of one release (on these machines `pip install torch==2.14.1 torchvision==0.29.1`),
+the package's dependencies, torch-pruning==1.6.1 with --no-deps, and this package with --no-deps -e.
 
-    .venv/bin/python tools/bench_torchvision.py --out runs/bench_torchvision [--only resnet18 ...] [--limit N]
+    VENV/bin/python tools/bench_torchvision.py --out runs/bench_torchvision [--only resnet18 ...] [--limit N]
         [--threads N] [--memory-gb 16] [--resume]
 """
 
