@@ -173,7 +173,7 @@ def _one_shot(model: nn.Module, example_inputs: tuple, config: PruneConfig, batc
 
 
 def _cut(model: nn.Module, example_inputs: tuple, config: PruneConfig, analysis: Analysis, scores: GroupScores,
-         timings: dict[str, float]):
+         timings: dict[str, float]) -> tuple[nn.Module, PrunePlan, dict[str, np.ndarray], dict, dict]:
     """Select by the scores, rewrite a copy, verify it against the masked dense model."""
     start = time.perf_counter()
     kept = select_units(analysis.groups, scores.units, config.selection(), scores.kv)
@@ -182,7 +182,7 @@ def _cut(model: nn.Module, example_inputs: tuple, config: PruneConfig, analysis:
                            "config": config.to_dict()})
     shifts = bias_shifts(model, analysis.groups, kept, scores.input_means) if scores.input_means else {}
     compact = _shift_biases(apply_plan(model, plan), shifts)
-    timings["rewrite"] = time.perf_counter() - start
+    timings["rewrite"] = timings.get("rewrite", 0.0) + time.perf_counter() - start
     masked = _shift_biases(masked_copy(model, analysis.groups, kept), shifts)
     check = _timed(timings, "verify", lambda: _verify(logits(masked, example_inputs), compact, example_inputs,
                                                       analysis.groups, kept))
