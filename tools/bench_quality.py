@@ -5,29 +5,32 @@ Torch-Pruning's Taylor pruning as an outside reference.
 
     .venv/bin/python tools/bench_quality.py --ratios 0.2 0.5 --out runs/bench_quality [--parts quality scoring tp]
 
-Protocol. Perplexity: design.md's (held-out windows of 256 tokens, the first 64, count reported).
-Fine-tuning budget, identical for every criterion: `--steps` AdamW steps on LoRA factors (r=8, alpha=16, all
-linear layers), `--batch` windows of `--window` tokens of the training split per step, lr `--lr`, `--seed`
-(LoRA factors, dropout, criterion randomness; the data order is fixed).
-"lora + recovery" is LoRAPrune's schedule (masks grow on the cubic schedule during those steps); the other
-criteria prune one-shot and then fine-tune the compact model with `lora_recover` for the same steps. One-shot
-data criteria (lora, taylor, activation, flap) score on the first `--calib` training batches. Recovery
-"next-token" is the causal-LM loss on the training split; "distill" is KL(dense teacher || student) on the logits
-(`--distill-weight` of the loss, the rest next-token; `--temperature`): in the schedule the teacher is the dense
-model rebuilt in memory (`DenseTeacher`), after a one-shot criterion the dense model itself; the teacher's memory
-is in the table. Out-of-domain perplexity: the same protocol on `--ood-data` (default: the licence texts of
+Protocol. Perplexity: design.md's (held-out windows of 256 tokens, the first 64, count reported). Fine-tuning
+budget, identical for every criterion: `--steps` AdamW steps on LoRA factors (r=8, alpha=16, all linear layers),
+`--batch` windows of `--window` tokens of the training split per step, lr `--lr`, `--seed` (LoRA factors, dropout,
+criterion randomness; the data order is fixed). "lora + recovery" is LoRAPrune's schedule (masks grow on the cubic
+schedule during those steps); the other criteria prune one-shot and then fine-tune the compact model with
+`lora_recover` for the same steps. One-shot data criteria (lora, taylor, activation, flap) score on the first
+`--calib` training batches. Recovery "next-token" is the causal-LM loss on the training split; "distill" is KL(dense
+teacher || student) on the logits (`--distill-weight` of the loss, the rest next-token; `--temperature`): in the
+schedule the teacher is the dense model rebuilt in memory (`DenseTeacher`), after a one-shot criterion the dense
+model itself; the teacher's memory is in the table. Fine-tuning memory: the peak RSS the recovery stage adds over
+what was resident before it (its working copy of the model, LoRA factors, optimiser state, activations; the
+schedule's rebuilt teacher), plus, after a one-shot criterion with distillation, the dense teacher, resident before
+the stage. Out-of-domain perplexity: the same protocol on `--ood-data` (default: the licence texts of
 /usr/share/common-licenses), text the fine-tuning never saw from another source. Scoring memory and time: each
-criterion alone in a fresh process (`--scoring-runs` alternating rounds), peak RSS above the RSS before
-scoring (VmHWM reset before it, after a one-batch warm-up call), wall time, the peak of live tensors the
-scoring adds (a further, profiled call: torch's allocations, free of what glibc keeps resident; the CPU analogue
-of the CUDA allocator's peak), and the bytes of parameter gradients held; each criterion also with activation
-checkpointing (`+checkpointed`: every decoder layer recomputed in the backward pass, so the activations no
-longer hide the gradient memory).
+criterion alone in a fresh process (`--scoring-runs` alternating rounds), peak RSS above the RSS before scoring
+(VmHWM reset before it, after a one-batch warm-up call), wall time, the peak of live tensors the scoring adds (a
+further, profiled call: torch's allocations, free of what glibc keeps resident; the CPU analogue of the CUDA
+allocator's peak), and the bytes of parameter gradients held; each criterion also with activation checkpointing
+(`+checkpointed`: every decoder layer recomputed in the backward pass, so the activations no longer hide the
+gradient memory).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
@@ -143,6 +146,16 @@ def _ood_windows(args, tokenizer):
     return ood.source, heldout_windows(ood, tokenizer, window=256, max_windows=args.eval_windows)
 
 
+def _measured(fn):
+    """(what `fn` returns, the peak RSS MiB it adds, its seconds)."""
+    from loraprune.runtime.bench import stage_memory_mb
+
+    returned = []
+    start = time.perf_counter()
+    peak_mb = stage_memory_mb(lambda: returned.append(fn()))
+    return returned[0], peak_mb, time.perf_counter() - start
+
+
 def quality(args, out: Path) -> dict:
     from tqdm.auto import tqdm
 
@@ -173,25 +186,30 @@ def quality(args, out: Path) -> dict:
             one_shots = {(ratio, criterion): (pruned, perplexity(pruned.model, evals).ppl)}
         one_shot, ppl_one_shot = one_shots[(ratio, criterion)]
         distill = args.distill_weight if recovery == "distill" else 0.0
-        start = time.perf_counter()
         if criterion == "lora":
             config = LoRAPruneConfig(ratio=ratio, update_every=args.update_every, cooldown=args.cooldown, lam=args.lam,
                                      count_macs=False, distill=distill, temperature=args.temperature, **lora_kwargs)
-            result = prune(dense, example, config, batches=batches)
-            recovered, params_recovered = result.model, result.report.params_after
-            teacher_bytes = result.report.teacher_bytes
+            finetune = functools.partial(prune, dense, example, config, batches=batches)
         else:
             teacher = ModelTeacher(dense) if distill else None
             loss = causal_lm_loss if teacher is None else Distillation(teacher, distill, args.temperature).loss
-            recovered, _ = lora_recover(one_shot.model, batches, **lora_kwargs, loss_fn=loss)
+            finetune = functools.partial(lora_recover, one_shot.model, batches, **lora_kwargs, loss_fn=loss)
+        returned, peak_mb, seconds = _measured(finetune)
+        if criterion == "lora":
+            result = returned
+            recovered, params_recovered = result.model, result.report.params_after
+            teacher_bytes = result.report.teacher_bytes
+        else:
+            recovered = returned[0]
             params_recovered = count_params(recovered)
+            # the one-shot teacher is the dense model, resident before the stage: count it on top
             teacher_bytes = 0 if teacher is None else teacher.bytes
-        seconds = time.perf_counter() - start
+            peak_mb = None if peak_mb is None else peak_mb + teacher_bytes / 2**20
         row = {"ratio": ratio, "criterion": criterion, "recovery": recovery,
                "params_one_shot": one_shot.report.params_after, "params_recovered": params_recovered,
                "ppl_one_shot": ppl_one_shot, "ppl_recovered": perplexity(recovered, evals).ppl,
                "ppl_ood_recovered": perplexity(recovered, ood).ppl, "teacher_bytes": teacher_bytes,
-               "finetune_seconds": seconds}
+               "finetune_seconds": seconds, "finetune_peak_mb": peak_mb}
         rows.append(row)
         tqdm.write(json.dumps(row))
         partial.write_text(json.dumps(rows, indent=1))
@@ -228,6 +246,10 @@ def scoring(args) -> dict:
     return {"runs": runs, "summary": summary}
 
 
+def _mib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
+
+
 def _markdown(results: dict, args) -> str:
     lines = [f"# Pruning quality: {results.get('model', 'SmolLM2-135M')}", ""]
     q = results.get("quality")
@@ -241,14 +263,14 @@ def _markdown(results: dict, args) -> str:
                   f"Out-of-domain: {q['ood_windows']} windows x 256 tokens of {q['ood_text']}; dense: "
                   f"**{q['dense_ppl_ood']:.2f}**.", "",
                   "| ratio | criterion | recovery | params | ppl one-shot | ppl recovered | out-of-domain ppl "
-                  "recovered (x dense) | teacher MiB | fine-tune s |",
-                  "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+                  "recovered (x dense) | teacher MiB | fine-tune peak MiB | fine-tune s |",
+                  "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in q["rows"]:
             lines.append(f"| {r['ratio']:g} | {r['criterion']} | {r['recovery']} | "
                          f"{r['params_recovered'] / 1e6:.1f}M | {r['ppl_one_shot']:.2f} | {r['ppl_recovered']:.2f} | "
                          f"{r['ppl_ood_recovered']:.2f} "
                          f"({r['ppl_ood_recovered'] / q['dense_ppl_ood']:.2f}x) | {r['teacher_bytes'] / 2**20:.1f} | "
-                         f"{r['finetune_seconds']:.0f} |")
+                         f"{_mib(r.get('finetune_peak_mb'))} | {r['finetune_seconds']:.0f} |")
     s = results.get("scoring")
     if s:
         lines += ["", f"Scoring ({args.calib} batches of {args.batch}x{args.window}), each in a fresh process, "
