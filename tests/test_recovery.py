@@ -12,7 +12,14 @@ from zoo import tiny_gpt2, tiny_llama, token_ids
 from loraprune import ActivationConfig, FlapConfig, LoRAPruneConfig, SelectConfig, analyze, prune
 from loraprune.data import LICENSES, load_out_of_domain
 from loraprune.lora.adapters import add_lora
-from loraprune.lora.distill import Distillation, ModelTeacher, distillation_loss
+from loraprune.lora.distill import (
+    Distillation,
+    ModelTeacher,
+    TopK,
+    TopKTeacher,
+    distillation_loss,
+    topk_distillation_loss,
+)
 from loraprune.lora.training import lora_recover
 from loraprune.passes.criteria import CRITERIA
 from loraprune.passes.criteria.activations import bias_shifts
@@ -95,6 +102,52 @@ def test_recovery_by_distillation_moves_the_pruned_model_toward_the_teacher():
     gap.append(distillation_loss(logits(recovered, batches[0]), teacher(batches[0])).item())
     assert gap[1] < gap[0] and len(losses) == 20
     assert teacher.bytes == sum(p.numel() * 4 for p in model.parameters())
+
+
+def _topk(logits: torch.Tensor, k: int, temperature: float) -> TopK:
+    values, indices = torch.log_softmax(logits / temperature, -1).topk(k, dim=-1)
+    return TopK(indices.to(torch.int32), values, temperature)
+
+
+def test_topk_distillation_is_the_full_kl_at_the_whole_vocabulary_and_zero_on_itself_at_any_k():
+    torch.manual_seed(0)
+    teacher, start = torch.randn(2, 5, 11) * 3, torch.randn(2, 5, 11)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    grads = []
+    for loss_of in (lambda s: distillation_loss(s, teacher, mask, temperature=2.0),
+                    lambda s: topk_distillation_loss(s, _topk(teacher, 11, 2.0), mask)):
+        student = start.clone().requires_grad_()
+        loss = loss_of(student)
+        loss.backward()
+        grads.append((loss.detach(), student.grad))
+    torch.testing.assert_close(grads[0], grads[1])
+    for k in (1, 3):
+        student = teacher.clone().requires_grad_()
+        loss = topk_distillation_loss(student, _topk(teacher, k, 1.0))
+        loss.backward()
+        assert abs(loss.item()) < 1e-6 and student.grad.abs().max().item() < 1e-6
+        assert topk_distillation_loss(start, _topk(teacher, k, 1.0)).item() > 0.01
+
+
+def test_topk_teacher_keeps_every_row_it_saw_and_recovery_moves_toward_it():
+    model = tiny_llama()
+    batches = [token_ids(2, 16, seed=s) for s in range(3)]
+    teacher = TopKTeacher(model, batches, k=4, temperature=2.0, progress=False)
+    assert teacher.bytes == 3 * 2 * 16 * 4 * 8  # int32 index + float32 log-probability per kept token
+    whole = teacher(batches[1])
+    torch.testing.assert_close(whole.log_probs, _topk(logits(model, batches[1]), 4, 2.0).log_probs)
+    split = teacher(torch.cat([batches[2][1:], batches[1][:1]]))  # rows of two batches, as a data-parallel split
+    torch.testing.assert_close(split.log_probs[1], whole.log_probs[0])
+    with pytest.raises(KeyError, match="only the batches it was given"):
+        teacher(token_ids(2, 16, seed=9))
+    with pytest.raises(ValueError, match="computed at temperature 2, the loss is at 1"):
+        Distillation(teacher, temperature=1.0).loss(model, batches[0])
+    pruned = prune(model, token_ids(), ActivationConfig(ratio=0.5, exclude_first=0, exclude_last=False),
+                   batches=batches).model
+    before = topk_distillation_loss(logits(pruned, batches[0]), teacher(batches[0])).item()
+    recovered, _ = lora_recover(pruned, batches, steps=12, lr=1e-3, progress=False,
+                                loss_fn=Distillation(teacher, weight=1.0, temperature=2.0).loss)
+    assert topk_distillation_loss(logits(recovered, batches[0]), teacher(batches[0])).item() < before
 
 
 def test_masks_by_hooks_equal_zeroed_weights_and_switch_off_to_the_dense_model():

@@ -14,17 +14,19 @@ schedule during those steps); the other criteria prune one-shot and then fine-tu
 `--calib` training batches. Recovery "next-token" is the causal-LM loss on the training split; "distill" is KL(dense
 teacher || student) on the logits (`--distill-weight` of the loss, the rest next-token; `--temperature`): in the
 schedule the teacher is the dense model rebuilt in memory (`DenseTeacher`), after a one-shot criterion the dense
-model itself; the teacher's memory is in the table. Fine-tuning memory: the peak RSS the recovery stage adds over
-what was resident before it (its working copy of the model, LoRA factors, optimiser state, activations; the
-schedule's rebuilt teacher), plus, after a one-shot criterion with distillation, the dense teacher, resident before
-the stage. Out-of-domain perplexity: the same protocol on `--ood-data` (default: the licence texts of
-/usr/share/common-licenses), text the fine-tuning never saw from another source. Scoring memory and time: each
-criterion alone in a fresh process (`--scoring-runs` alternating rounds), peak RSS above the RSS before scoring
-(VmHWM reset before it, after a one-batch warm-up call), wall time, the peak of live tensors the scoring adds (a
-further, profiled call: torch's allocations, free of what glibc keeps resident; the CPU analogue of the CUDA
-allocator's peak), and the bytes of parameter gradients held; each criterion also with activation checkpointing
-(`+checkpointed`: every decoder layer recomputed in the backward pass, so the activations no longer hide the
-gradient memory).
+model itself; "distill-topk" (one-shot criteria) learns from the dense model's `--topk` most likely tokens per
+position, computed for every training batch before the recovery starts (`TopKTeacher`: the dense model is not needed
+while the compact one trains); the teacher's memory is in the table. Fine-tuning memory: the peak RSS the recovery
+stage adds over what was resident before it (its working copy of the model, LoRA factors, optimiser state,
+activations; the schedule's rebuilt teacher; the top-k teacher's cache), plus, for "distill" after a one-shot
+criterion, the dense teacher, resident before the stage and held through it. Out-of-domain perplexity: the same
+protocol on `--ood-data` (default: the licence texts of /usr/share/common-licenses), text the fine-tuning never saw
+from another source. Scoring memory and time: each criterion alone in a fresh process (`--scoring-runs` alternating
+rounds), peak RSS above the RSS before scoring (VmHWM reset before it, after a one-batch warm-up call), wall time,
+the peak of live tensors the scoring adds (a further, profiled call: torch's allocations, free of what glibc keeps
+resident; the CPU analogue of the CUDA allocator's peak), and the bytes of parameter gradients held; each criterion
+also with activation checkpointing (`+checkpointed`: every decoder layer recomputed in the backward pass, so the
+activations no longer hide the gradient memory).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 CRITERIA = ("lora", "taylor", "activation", "flap", "magnitude", "random")
-RECOVERIES = ("next-token", "distill")
+RECOVERIES = ("next-token", "distill", "distill-topk")
 PARTS = ("quality", "scoring", "tp")
 CHECKPOINTED = "checkpointed"  # scoring variant: every decoder layer recomputed in the backward pass
 SCORING = ("lora", "taylor", f"lora+{CHECKPOINTED}", f"taylor+{CHECKPOINTED}", "activation", "flap")
@@ -146,6 +148,20 @@ def _ood_windows(args, tokenizer):
     return ood.source, heldout_windows(ood, tokenizer, window=256, max_windows=args.eval_windows)
 
 
+def _recover(compact, dense, batches, recovery: str, args, lora_kwargs: dict):
+    """LoRA recovery of a one-shot model: (the recovered model, its teacher or None)."""
+    from loraprune.lora.distill import Distillation, ModelTeacher, TopKTeacher
+    from loraprune.lora.training import causal_lm_loss, lora_recover
+
+    teacher = None
+    if recovery == "distill":
+        teacher = ModelTeacher(dense)
+    elif recovery == "distill-topk":
+        teacher = TopKTeacher(dense, batches, k=args.topk, temperature=args.temperature)
+    loss = causal_lm_loss if teacher is None else Distillation(teacher, args.distill_weight, args.temperature).loss
+    return lora_recover(compact, batches, **lora_kwargs, loss_fn=loss)[0], teacher
+
+
 def _measured(fn):
     """(what `fn` returns, the peak RSS MiB it adds, its seconds)."""
     from loraprune.runtime.bench import stage_memory_mb
@@ -162,8 +178,7 @@ def quality(args, out: Path) -> dict:
     from loraprune.api import count_params, prune
     from loraprune.config import LoRAPruneConfig, make_config
     from loraprune.evaluate import perplexity
-    from loraprune.lora.distill import Distillation, ModelTeacher
-    from loraprune.lora.training import causal_lm_loss, lora_recover
+    from loraprune.lora.distill import ModelTeacher
     from loraprune.passes.dependency import analyze
 
     loaded, corpus, batches, evals, example = _setup(args)
@@ -177,7 +192,8 @@ def quality(args, out: Path) -> dict:
     partial = out / "quality_partial.json"
     rows = json.loads(partial.read_text()) if args.resume and partial.exists() else []
     done = {(r["ratio"], r["criterion"], r["recovery"]) for r in rows}
-    cells = [(r, c, k) for r in args.ratios for c in args.criteria for k in args.recoveries if (r, c, k) not in done]
+    cells = [(r, c, k) for r in args.ratios for c in args.criteria for k in args.recoveries
+             if (r, c, k) not in done and (c, k) != ("lora", "distill-topk")]  # the schedule rebuilds its teacher
     one_shots: dict[tuple[float, str], tuple] = {}  # both recoveries start from the same one-shot model
     for ratio, criterion, recovery in tqdm(cells, desc="quality"):
         if (ratio, criterion) not in one_shots:
@@ -185,26 +201,24 @@ def quality(args, out: Path) -> dict:
             pruned = prune(dense, example, config, analysis=analysis, batches=batches[: args.calib])
             one_shots = {(ratio, criterion): (pruned, perplexity(pruned.model, evals).ppl)}
         one_shot, ppl_one_shot = one_shots[(ratio, criterion)]
-        distill = args.distill_weight if recovery == "distill" else 0.0
+        distill = args.distill_weight if recovery.startswith("distill") else 0.0
         if criterion == "lora":
             config = LoRAPruneConfig(ratio=ratio, update_every=args.update_every, cooldown=args.cooldown, lam=args.lam,
                                      count_macs=False, distill=distill, temperature=args.temperature, **lora_kwargs)
             finetune = functools.partial(prune, dense, example, config, batches=batches)
         else:
-            teacher = ModelTeacher(dense) if distill else None
-            loss = causal_lm_loss if teacher is None else Distillation(teacher, distill, args.temperature).loss
-            finetune = functools.partial(lora_recover, one_shot.model, batches, **lora_kwargs, loss_fn=loss)
+            finetune = functools.partial(_recover, one_shot.model, dense, batches, recovery, args, lora_kwargs)
         returned, peak_mb, seconds = _measured(finetune)
         if criterion == "lora":
             result = returned
             recovered, params_recovered = result.model, result.report.params_after
             teacher_bytes = result.report.teacher_bytes
         else:
-            recovered = returned[0]
+            recovered, teacher = returned
             params_recovered = count_params(recovered)
-            # the one-shot teacher is the dense model, resident before the stage: count it on top
             teacher_bytes = 0 if teacher is None else teacher.bytes
-            peak_mb = None if peak_mb is None else peak_mb + teacher_bytes / 2**20
+            if isinstance(teacher, ModelTeacher) and peak_mb is not None:
+                peak_mb += teacher_bytes / 2**20  # the dense model, resident before the stage and held through it
         row = {"ratio": ratio, "criterion": criterion, "recovery": recovery,
                "params_one_shot": one_shot.report.params_after, "params_recovered": params_recovered,
                "ppl_one_shot": ppl_one_shot, "ppl_recovered": perplexity(recovered, evals).ppl,
@@ -259,7 +273,8 @@ def _markdown(results: dict, args) -> str:
                   f"Fine-tuning budget: {args.steps} steps x {args.batch}x{args.window} tokens, LoRA r=8 "
                   f"({args.lora_init} init), lr {args.lr}, seed {args.seed}; lora schedule cool-down "
                   f"{args.cooldown:g}, score average lam {args.lam:g}; one-shot data criteria use {args.calib} "
-                  f"batches; distillation: KL share {args.distill_weight:g}, temperature {args.temperature:g}. "
+                  f"batches; distillation: KL share {args.distill_weight:g}, temperature {args.temperature:g}, "
+                  f"top-k teacher k={args.topk}. "
                   f"Out-of-domain: {q['ood_windows']} windows x 256 tokens of {q['ood_text']}; dense: "
                   f"**{q['dense_ppl_ood']:.2f}**.", "",
                   "| ratio | criterion | recovery | params | ppl one-shot | ppl recovered | out-of-domain ppl "
@@ -344,6 +359,7 @@ def main() -> None:
     parser.add_argument("--recoveries", nargs="+", default=list(RECOVERIES), choices=RECOVERIES)
     parser.add_argument("--distill-weight", type=float, default=1.0, help="KL share of the distillation loss")
     parser.add_argument("--temperature", type=float, default=1.0, help="of the distillation loss")
+    parser.add_argument("--topk", type=int, default=64, help="distill-topk: tokens kept per position")
     parser.add_argument("--ood-data", nargs="*", default=None,
                         help="out-of-domain .txt/.jsonl (default: /usr/share/common-licenses)")
     parser.add_argument("--resume", action="store_true", help="keep the rows of quality_partial.json in --out")
