@@ -140,6 +140,8 @@ def test_topk_teacher_keeps_every_row_it_saw_and_recovery_moves_toward_it():
     torch.testing.assert_close(split.log_probs[1], whole.log_probs[0])
     with pytest.raises(KeyError, match="only the batches it was given"):
         teacher(token_ids(2, 16, seed=9))
+    with pytest.raises(ValueError, match="top-k teacher needs k >= 1, got 0"):
+        TopKTeacher(model, batches, k=0, progress=False)
     with pytest.raises(ValueError, match="computed at temperature 2, the loss is at 1"):
         Distillation(teacher, temperature=1.0).loss(model, batches[0])
     pruned = prune(model, token_ids(), ActivationConfig(ratio=0.5, exclude_first=0, exclude_last=False),
