@@ -119,6 +119,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from loraprune.models.load import load_model
     from loraprune.models.save import PLAN_FILE, save_pretrained
     from loraprune.outputs import check_target
+    from loraprune.pipeline import CompileOptions
 
     config = make_config(args.criterion, ratio=args.ratio, scope=args.scope, attention=args.attention,
                          prune_hidden=args.prune_hidden, round_to=args.round_to, seed=args.seed, steps=args.steps,
@@ -136,7 +137,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     batches = None
     if config.needs_data:
         steps = config.steps if isinstance(config, LoRAPruneConfig) else 0
-        windows = steps * config.batch_size if steps else 4 * config.batch_size  # 4 calibration batches one-shot
+        one_shot = CompileOptions.calib_batches  # as many calibration batches as compile scores with
+        windows = (steps or one_shot) * config.batch_size
         batches = _text_batches(args.data, loaded.tokenizer, windows, config.batch_size,
                                 f"criterion {args.criterion!r}")
     result = prune(loaded.model, (_example_ids(loaded.model),), config, batches=batches)
@@ -488,8 +490,8 @@ def _add_compile(sub) -> None:
     g.add_argument("--ratio", type=float, default=Defaults.ratio,
                    help="fraction of each prunable group's units removed (heads, MLP channels), in [0, 1)")
     g.add_argument("--criterion", choices=sorted(CONFIGS), default=Defaults.criterion,
-                   help="lora: LoRAPrune (LoRA gradients, iterative); taylor: full weight gradients; activation "
-                        "(Minitron) and flap (FLAP): forward passes only; magnitude; random")
+                   help="flap (FLAP) and activation (Minitron): forward passes only, then LoRA recovery; lora: "
+                        "LoRAPrune (LoRA gradients, iterative); taylor: full weight gradients; magnitude; random")
     g.add_argument("--scope", choices=["uniform", "global"], default=Defaults.scope,
                    help="same ratio per layer, or one global ranking (non-uniform widths)")
     g.add_argument("--attention", choices=["auto", "kv_groups", "query_heads"], default=Defaults.attention,
@@ -505,7 +507,7 @@ def _add_compile(sub) -> None:
     g.add_argument("--batch-size", type=int, default=Defaults.batch_size, help="windows per step")
     g.add_argument("--window", type=int, default=Defaults.window, help="training window length (tokens)")
     g.add_argument("--calib-batches", type=int, default=Defaults.calib_batches,
-                   help="batches for one-shot gradient scoring (taylor, or lora with --steps 0)")
+                   help="batches a one-shot criterion scores on (flap, activation, taylor; lora with --steps 0)")
     g.add_argument("--lr", type=float, default=Defaults.lr)
     g.add_argument("--lora-r", type=int, default=Defaults.lora_r)
     g.add_argument("--lora-alpha", type=int, default=Defaults.lora_alpha)

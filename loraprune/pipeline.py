@@ -63,7 +63,7 @@ class CompileOptions:
     data: list[str] = field(default_factory=list)  # .txt / .jsonl; empty = pydoc_data.topics
     ood_data: list[str] = field(default_factory=list)  # out-of-domain eval text; empty = the licence texts
     ratio: float = 0.2
-    criterion: str = "lora"
+    criterion: str = "flap"  # measured best with recovery at lora's memory (docs/results.md, the 200-step grid)
     scope: str = "uniform"
     attention: str = "auto"
     prune_hidden: bool = False
@@ -72,7 +72,7 @@ class CompileOptions:
     cooldown: float = 0.5  # lora: share of the steps after the last cut, all spent recovering the final shape
     batch_size: int = 4
     window: int = 128  # training window length in tokens
-    calib_batches: int = 4  # one-shot gradient scoring (taylor; lora with steps=0)
+    calib_batches: int = 8  # one-shot criteria's scoring batches (flap, activation, taylor; lora with steps=0)
     lr: float = 3e-4
     lora_r: int = 8
     lora_alpha: int = 16

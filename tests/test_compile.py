@@ -37,7 +37,7 @@ def tiny_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def compiled(tiny_folder, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("compiled") / "out"
-    assert main(["compile", str(tiny_folder), "--ratio", "0.5", "--out", str(out), *FAST]) == 0
+    assert main(["compile", str(tiny_folder), "--criterion", "lora", "--ratio", "0.5", "--out", str(out), *FAST]) == 0
     return out
 
 
@@ -125,6 +125,7 @@ def test_every_command_has_complete_help(capsys):
 
 
 def test_same_seed_gives_identical_plan_and_figures(tiny_folder, tmp_path):
+    """On the default pipeline: flap scoring, then LoRA recovery."""
     runs = []
     for name in ("a", "b"):
         out = tmp_path / name
@@ -135,6 +136,7 @@ def test_same_seed_gives_identical_plan_and_figures(tiny_folder, tmp_path):
         runs.append(((out / "model" / "loraprune_plan.json").read_text(), report))
     assert runs[0][0] == runs[1][0]
     assert runs[0][1] == runs[1][1]
+    assert runs[0][1]["criterion"] == "flap" and runs[0][1]["finetune"]["kind"] == "lora_recover"
 
 
 @pytest.mark.parametrize("criterion,extra", [("taylor", ["--checkpointing"]), ("magnitude", []),
@@ -336,7 +338,8 @@ def test_compile_keep_adapter(tiny_folder, tmp_path, capsys, input_adapter):
         config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
         get_peft_model(base, config).save_pretrained(tmp_path / "adapter_in")
         extra = ["--adapter", str(tmp_path / "adapter_in")]
-    assert main(["compile", str(tiny_folder), *extra, "--ratio", "0.5", "--keep-adapter", "--out", str(out),
+    assert main(["compile", str(tiny_folder), *extra, "--criterion", "lora", "--ratio", "0.5", "--keep-adapter",
+                 "--out", str(out),
                  "--no-bench", *FAST]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["verify"]["ok"] and report["options"]["lora_init"] == "pissa"

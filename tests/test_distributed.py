@@ -130,9 +130,9 @@ def test_two_accelerate_processes_equal_one_process_on_the_union(tmp_path, shard
 
 # ----------------------------------------------------------------------------------------------- the main job
 
-COMPILE = ["--ratio", "0.5", "--steps", "6", "--batch-size", "4", "--window", "16", "--lora-dropout", "0",
-           "--distill", "0.5", "--eval-window", "32", "--eval-windows", "5", "--gen-tokens", "0", "--no-bench",
-           "--threads", "1", "--device", "cpu", "--quiet"]
+COMPILE = ["--criterion", "lora", "--ratio", "0.5", "--steps", "6", "--batch-size", "4", "--window", "16",
+           "--lora-dropout", "0", "--distill", "0.5", "--eval-window", "32", "--eval-windows", "5", "--gen-tokens", "0",
+           "--no-bench", "--threads", "1", "--device", "cpu", "--quiet"]
 
 
 @pytest.fixture(scope="module")

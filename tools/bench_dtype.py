@@ -24,8 +24,8 @@ def compile_once(dtype: str, args: argparse.Namespace, out: Path) -> dict:
     """One compile in a fresh process: wall seconds, the process's peak RSS, and figures from its report."""
     folder = out / dtype
     cmd = [sys.executable, "-m", "loraprune", "compile", "--out", str(folder), "--force", "--device", "cpu",
-           "--dtype", dtype, "--ratio", str(args.ratio), "--steps", str(args.steps), "--threads", str(args.threads),
-           "--seed", str(args.seed), "--no-bench", "--quiet"]
+           "--criterion", "lora", "--dtype", dtype, "--ratio", str(args.ratio), "--steps", str(args.steps),
+           "--threads", str(args.threads), "--seed", str(args.seed), "--no-bench", "--quiet"]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd)
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage: its peak RSS alone

@@ -88,8 +88,8 @@ def main() -> None:
     model = hf_folder(out)
     factors, weight_bytes = model_bytes(model)
     rows = []
-    compile_args = ["-m", "loraprune", "compile", str(model), "--force", "--device", "cpu", "--ratio",
-                    str(args.ratio), "--steps", str(args.steps), "--no-bench", "--eval-windows", "2",
+    compile_args = ["-m", "loraprune", "compile", str(model), "--force", "--device", "cpu", "--criterion",
+                    "lora", "--ratio", str(args.ratio), "--steps", str(args.steps), "--no-bench", "--eval-windows", "2",
                     "--gen-tokens", "0", "--quiet"]
     for n, threads in ((1, 2), (2, 1)):
         folder = out / f"compile_{n}"

@@ -125,8 +125,9 @@ def _check(args: argparse.Namespace, out: Path, folder: Path) -> int:
     provider = "cuda" if args.device.startswith("cuda") else "cpu"
 
     start = time.perf_counter()
-    _cli("compile", *model, "--device", args.device, "--dtype", args.dtype, "--steps", args.steps, "--ratio",
-         args.ratio, "--target", "cuda", "--out", str(folder), "--force", "--no-bench", "--quiet", *args.compile_args)
+    _cli("compile", *model, "--criterion", "lora", "--device", args.device, "--dtype", args.dtype, "--steps",
+         args.steps, "--ratio", args.ratio, "--target", "cuda", "--out", str(folder), "--force", "--no-bench",
+         "--quiet", *args.compile_args)
     report = json.loads((folder / "report.json").read_text())
     compiled = {"verify_ok": report["verify"]["ok"], "verify_tolerance": report["verify"]["tolerance"],
                 "parity_ok": report["onnx_parity"]["ok"], "parity_diff": report["onnx_parity"]["relative_diff"],
