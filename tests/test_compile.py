@@ -339,8 +339,7 @@ def test_compile_keep_adapter(tiny_folder, tmp_path, capsys, input_adapter):
         get_peft_model(base, config).save_pretrained(tmp_path / "adapter_in")
         extra = ["--adapter", str(tmp_path / "adapter_in")]
     assert main(["compile", str(tiny_folder), *extra, "--criterion", "lora", "--ratio", "0.5", "--keep-adapter",
-                 "--out", str(out),
-                 "--no-bench", *FAST]) == 0
+                 "--out", str(out), "--no-bench", *FAST]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["verify"]["ok"] and report["options"]["lora_init"] == "pissa"
     saved = json.loads((out / "adapter" / "adapter_config.json").read_text())

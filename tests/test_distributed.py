@@ -130,8 +130,8 @@ def test_two_accelerate_processes_equal_one_process_on_the_union(tmp_path, shard
 
 # ----------------------------------------------------------------------------------------------- the main job
 
-COMPILE = ["--criterion", "lora", "--ratio", "0.5", "--steps", "6", "--batch-size", "4", "--window", "16",
-           "--lora-dropout", "0", "--distill", "0.5", "--eval-window", "32", "--eval-windows", "5", "--gen-tokens", "0",
+COMPILE = ["--ratio", "0.5", "--steps", "6", "--batch-size", "4", "--window", "16", "--lora-dropout", "0",
+           "--distill", "0.5", "--eval-window", "32", "--eval-windows", "5", "--gen-tokens", "0",
            "--no-bench", "--threads", "1", "--device", "cpu", "--quiet"]
 
 
@@ -145,14 +145,18 @@ def tiny_model_folder(tmp_path_factory):
     return folder
 
 
-def test_two_process_compile_equals_one_process_and_writes_once(tiny_model_folder, tmp_path):
+@pytest.mark.parametrize("criterion", ["lora", "flap"])
+def test_two_process_compile_equals_one_process_and_writes_once(tiny_model_folder, tmp_path, criterion):
+    """LoRAPrune's schedule, and the default: flap scoring, then recovery (each with distillation)."""
     from safetensors.torch import load_file
 
     from loraprune.cli import main
+    from loraprune.models.save import load_pretrained
 
     one, two = tmp_path / "one", tmp_path / "two"
-    assert main(["compile", str(tiny_model_folder), "--out", str(one), *COMPILE]) == 0
-    proc = launch_two(tmp_path, "-m", "loraprune", "compile", str(tiny_model_folder), "--out", str(two), *COMPILE)
+    options = ["--criterion", criterion, *COMPILE]
+    assert main(["compile", str(tiny_model_folder), "--out", str(one), *options]) == 0
+    proc = launch_two(tmp_path, "-m", "loraprune", "compile", str(tiny_model_folder), "--out", str(two), *options)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert proc.stdout.count("wrote ") == 1  # one process wrote and reported; the other waited
     assert (one / "model" / "loraprune_plan.json").read_text() == (two / "model" / "loraprune_plan.json").read_text()
@@ -164,8 +168,10 @@ def test_two_process_compile_equals_one_process_and_writes_once(tiny_model_folde
     assert (r1["processes"], r2["processes"]) == (1, 2)
     for key in ("ppl_before", "ppl_after", "ppl_before_ood", "ppl_after_ood"):  # evaluation sharded, then reduced
         assert r2[key] == pytest.approx(r1[key], rel=1e-4), key
-    # one all-reduce per step of the LoRA factors' gradients (fp32) and two counters: the factor size, no more
-    factors = sum(8 * (m.in_features + m.out_features) for name, m in load_pretrained_dense(tiny_model_folder))
+    # one all-reduce per step of the LoRA factors' gradients (fp32) and two counters: the factor size, no more;
+    # the schedule trains factors on the dense-sized model, recovery on the compact one
+    trained = load_pretrained_dense(tiny_model_folder) if criterion == "lora" else load_pretrained(one / "model")
+    factors = sum(8 * (m.in_features + m.out_features) for m in linear_layers(trained))
     assert r2["finetune"]["allreduce_bytes_per_step"] == 4 * (factors + 2)
     assert not list(tmp_path.glob(".two.tmp-*"))
 
@@ -230,8 +236,12 @@ def test_a_replicated_tensor_is_cut_whole_by_its_owner():
 def load_pretrained_dense(folder):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"]
+    return AutoModelForCausalLM.from_pretrained(folder)
+
+
+def linear_layers(model) -> list[torch.nn.Linear]:
+    """The layers LoRA adapts: every linear one but the output head."""
+    return [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"]
 
 
 FAILING_RANK = """
