@@ -197,6 +197,7 @@ BAD = {
     "a GPU that is not there": (lambda d: ["TINY", "--device", "cuda:99"], "device 'cuda:99' was asked for"),
     "unknown device": (lambda d: ["TINY", "--device", "tpu"], "unknown device 'tpu'"),
     "distill share 2": (lambda d: ["TINY", "--distill", "2"], "distill must be in [0, 1]"),
+    "keep adapter without lora": (lambda d: ["TINY", "--keep-adapter"], "keep_adapter needs criterion 'lora'"),
     "missing out-of-domain text": (lambda d: ["TINY", "--ood-data", str(d / "nope.txt")], "nope.txt: no such file"),
 }
 

@@ -149,6 +149,7 @@ def tiny_model_folder(tmp_path_factory):
 def test_two_process_compile_equals_one_process_and_writes_once(tiny_model_folder, tmp_path, criterion):
     """LoRAPrune's schedule, and the default: flap scoring, then recovery (each with distillation)."""
     from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
 
     from loraprune.cli import main
     from loraprune.models.save import load_pretrained
@@ -170,7 +171,10 @@ def test_two_process_compile_equals_one_process_and_writes_once(tiny_model_folde
         assert r2[key] == pytest.approx(r1[key], rel=1e-4), key
     # one all-reduce per step of the LoRA factors' gradients (fp32) and two counters: the factor size, no more;
     # the schedule trains factors on the dense-sized model, recovery on the compact one
-    trained = load_pretrained_dense(tiny_model_folder) if criterion == "lora" else load_pretrained(one / "model")
+    if criterion == "lora":
+        trained = AutoModelForCausalLM.from_pretrained(tiny_model_folder)
+    else:
+        trained = load_pretrained(one / "model")
     factors = sum(8 * (m.in_features + m.out_features) for m in linear_layers(trained))
     assert r2["finetune"]["allreduce_bytes_per_step"] == 4 * (factors + 2)
     assert not list(tmp_path.glob(".two.tmp-*"))
@@ -231,12 +235,6 @@ def test_a_replicated_tensor_is_cut_whole_by_its_owner():
     weight = torch.arange(20.0).view(4, 5)
     got = _assemble(weight, {0: [0, 3], 1: [1, 2, 4]}, [2, 3], 0, SimpleNamespace(rank=0, world=1))
     torch.testing.assert_close(got, weight[[0, 3]][:, [1, 2, 4]])
-
-
-def load_pretrained_dense(folder):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(folder)
 
 
 def linear_layers(model) -> list[torch.nn.Linear]:
