@@ -152,6 +152,23 @@ def test_topk_teacher_keeps_every_row_it_saw_and_recovery_moves_toward_it():
     assert topk_distillation_loss(logits(recovered, batches[0]), teacher(batches[0])).item() < before
 
 
+def test_topk_teacher_keys_a_padded_row_by_its_tokens_and_its_mask():
+    """Dict batches with an attention mask: the kept distributions are the dense model's under that mask, and
+    the same tokens under another mask (here none) are a row the teacher never saw."""
+    model = tiny_llama()
+    ids = token_ids(2, 8)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # the first row left-padded
+    batch = {"input_ids": ids, "attention_mask": mask}
+    teacher = TopKTeacher(model, [batch], k=4, progress=False)
+    model.eval()
+    with torch.no_grad():
+        dense = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(teacher(batch).log_probs, _topk(dense, 4, 1.0).log_probs)
+    with pytest.raises(KeyError, match="only the batches it was given"):
+        teacher(ids)
+
+
 def test_masks_by_hooks_equal_zeroed_weights_and_switch_off_to_the_dense_model():
     model = tiny_llama(layers=2, heads=4, kv_heads=2, tie=True)
     ids = token_ids(2, 9)

@@ -337,6 +337,26 @@ def test_failed_export_leaves_no_files(tmp_path, monkeypatch):
     assert old.read_bytes() == b"previous export"
 
 
+def test_export_optimizes_without_only_the_pairwise_slice_rule_and_gives_it_back(tmp_path, monkeypatch):
+    """SlicesSplit's two-root pattern tries every pair of Slice nodes (most of a 30-layer model's optimizer time,
+    for no match): an export runs the optimizer without it, and without nothing else; afterwards, failed or not,
+    onnxscript has all its rules again."""
+    from onnxscript import rewriter
+
+    rules = rewriter._DEFAULT_REWRITE_RULES
+    during = []
+
+    def failing_check(*args, **kwargs):
+        during.append(rewriter._DEFAULT_REWRITE_RULES)
+        raise onnx.checker.ValidationError("injected")
+
+    monkeypatch.setattr(onnx.checker, "check_model", failing_check)
+    with pytest.raises(onnx.checker.ValidationError):
+        export_prefill(tiny_gpt2(), tmp_path / "model.onnx")
+    assert [getattr(r, "name", None) for r in rules if r not in during[0]] == ["SlicesSplit"]
+    assert rewriter._DEFAULT_REWRITE_RULES is rules
+
+
 def test_fp16_external_data_export_leaves_model_alone(tmp_path):
     """fp16 traces a copy (the fp32 model is untouched); forced external data lands beside the graph."""
     model = tiny_llama()

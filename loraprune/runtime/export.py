@@ -205,6 +205,22 @@ def _exportable_experts(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
+def _without_pairwise_rewrites() -> Iterator[None]:
+    """The exporter's optimizer without onnxscript's SlicesSplit rule, while exporting. Its pattern has two roots
+    (two Slices of one tensor), so its matcher tries every pair of Slice nodes in the graph: on SmolLM2 (4,800
+    nodes) that was about 45 s of a 2-minute export, for no match (our graphs' rotary halves fail its
+    static-shape check). Every other optimizer step (constant folding, the one-root rules, cleanup) still runs."""
+    from onnxscript import rewriter
+
+    rules = rewriter._DEFAULT_REWRITE_RULES
+    rewriter._DEFAULT_REWRITE_RULES = tuple(r for r in rules if getattr(r, "name", None) != "SlicesSplit")
+    try:
+        yield
+    finally:
+        rewriter._DEFAULT_REWRITE_RULES = rules
+
+
+@contextmanager
 def _broadcast_kv_as_gqa() -> Iterator[None]:
     """While tracing, an SDPA call with one K/V head broadcast over several query heads (Falcon's multi-query
     attention calls it directly) is made with `enable_gqa`: the same result, and a form torch's ONNX converter
@@ -260,7 +276,7 @@ def _export(wrapper: nn.Module, args: tuple, dynamic_shapes: tuple, input_names:
     path = Path(path)
     cuda = target == "cuda"
     with (staged_output(path) as staged, routed_attention(wrapper.model, opset, target) as decisions,
-          _broadcast_kv_as_gqa(), gqa_schema() if cuda else nullcontext()):
+          _broadcast_kv_as_gqa(), _without_pairwise_rewrites(), gqa_schema() if cuda else nullcontext()):
         with torch.no_grad():
             try:
                 program = torch.onnx.export(
