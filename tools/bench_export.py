@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for the exported graphs")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    if not args.model.is_dir():
+        parser.error(f"no model folder at {args.model}")
     torch.set_num_threads(args.threads)
     compact = (args.model / "loraprune_plan.json").exists()
     model = (load_pretrained(args.model) if compact else load_model(str(args.model)).model).eval()
