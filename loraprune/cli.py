@@ -652,10 +652,11 @@ def main(argv: list[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()  # signal() works only there
     previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     from loraprune.models.load import offline_hub
+    from loraprune.parallel import end_launch
 
     try:
         with offline_hub():  # a typo in a path must fail as a missing path, never become a hub lookup
-            return args.fn(args)
+            return end_launch(args.fn(args))  # under a launch, its process groups end while Python is whole
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, RuntimeError) as err:
         if _caused_by_interrupt(err):  # e.g. an import interrupted mid-class is re-raised as RuntimeError
             print(f"loraprune {args.command}: interrupted", file=sys.stderr)

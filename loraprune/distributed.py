@@ -43,7 +43,7 @@ from torch import nn
 from loraprune.ir.groups import ChannelGroup
 from loraprune.lora.adapters import lora_layers, lora_params
 from loraprune.lora.training import GradientStats, causal_lm_loss
-from loraprune.parallel import local_backward, reduce_gradients, shard_blocks, shard_step
+from loraprune.parallel import end_launch, local_backward, reduce_gradients, shard_blocks, shard_step
 from loraprune.passes.criteria import GroupScores
 from loraprune.passes.criteria.lora import lora_criterion
 
@@ -163,8 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         np.savez(args.tiny_test, world_size=np.int64(accelerator.num_processes), max_rank_diff=np.float64(diff),
                  **extra, **flat)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return 0
+    return end_launch(0)
 
 
 @contextmanager

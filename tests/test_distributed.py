@@ -128,6 +128,36 @@ def test_two_accelerate_processes_equal_one_process_on_the_union(tmp_path, shard
         np.testing.assert_allclose(saved[f"kv:{name}"], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(), err_msg=name)
 
 
+END_LAUNCH = """
+import atexit, sys, torch, torch.distributed as dist
+from loraprune.parallel import end_launch
+dist.init_process_group("gloo", init_method=sys.argv[1], rank=0, world_size=1)
+held = dist.group.WORLD if sys.argv[2] == "held" else None  # as FSDP2 holds its mesh's group
+dist.all_reduce(torch.ones(4))
+atexit.register(print, "interpreter finalised")
+code = end_launch(3)
+print("returned", code, "initialized", dist.is_initialized())
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("held", [False, True], ids=["released", "held"])
+def test_end_launch_destroys_the_groups_or_leaves_before_finalisation(tmp_path, held):
+    """A gloo group alive when the interpreter finalises can abort the process (its worker thread drops the last
+    tensors it kept and asks for the GIL): `end_launch` destroys the groups and returns the exit code, or, where
+    something still holds a group, ends the process with that code before finalisation."""
+    script = tmp_path / "end.py"
+    script.write_text(END_LAUNCH)
+    proc = subprocess.run([sys.executable, str(script), (tmp_path / "store").as_uri(), "held" if held else "free"],
+                          capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    if held:
+        assert "returned" not in proc.stdout and "interpreter finalised" not in proc.stdout
+    else:
+        assert "returned 3 initialized False" in proc.stdout and "interpreter finalised" in proc.stdout
+
+
 # ----------------------------------------------------------------------------------------------- the main job
 
 COMPILE = ["--ratio", "0.5", "--steps", "6", "--batch-size", "4", "--window", "16", "--lora-dropout", "0",
