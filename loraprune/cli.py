@@ -220,7 +220,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         bench_runs=args.bench_runs, threads=args.threads, seed=args.seed, force=args.force,
         trust_remote_code=args.trust_remote_code, progress=not args.quiet, keep_adapter=args.keep_adapter,
         checkpointing=args.checkpointing, device=args.device, dtype=args.dtype, target=args.target,
-        genai=args.genai, distill=args.distill, temperature=args.temperature, ood_data=list(args.ood_data or []),
+        genai=args.genai, distill=args.distill, temperature=args.temperature, teacher=args.teacher,
+        teacher_topk=args.teacher_topk, ood_data=list(args.ood_data or []),
         lora_dropout=args.lora_dropout, collective_timeout=args.collective_timeout)
     r = compile_model(options)
     if r is None:  # a process of a multi-process launch that writes nothing: the first one reports
@@ -470,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_compile(sub) -> None:
     from loraprune.config import CONFIGS
     from loraprune.lora.adapters import LORA_INITS
+    from loraprune.pipeline import TEACHERS
     from loraprune.pipeline import CompileOptions as Defaults
 
     p = sub.add_parser(
@@ -519,7 +521,13 @@ def _add_compile(sub) -> None:
                         "decoder layer instead of keeping its activations; less memory, about one more forward")
     g.add_argument("--lora-dropout", type=float, default=Defaults.lora_dropout,
                    help="dropout on the adapters' input while fine-tuning (0: every step deterministic)")
-    _add_distill_args(g)
+    _add_distill_args(g, Defaults.distill)
+    g.add_argument("--teacher", choices=TEACHERS, default=Defaults.teacher,
+                   help="after a one-shot criterion: topk = the dense model's --teacher-topk most likely tokens per "
+                        "position, computed before recovery (8 bytes per token each); dense = the dense model's "
+                        "logits at every step. The lora schedule rebuilds the dense model in memory either way")
+    g.add_argument("--teacher-topk", type=int, default=Defaults.teacher_topk, metavar="K",
+                   help="tokens per position the top-k teacher keeps")
     g.add_argument("--keep-adapter", action="store_true",
                    help="lora: keep the pruned adapter apart (OUT/adapter) instead of merging it into OUT/model")
     g = p.add_argument_group("evaluation and benchmark")
@@ -547,8 +555,8 @@ def _add_compile(sub) -> None:
     p.set_defaults(fn=cmd_compile)
 
 
-def _add_distill_args(p) -> None:
-    p.add_argument("--distill", type=float, default=0.0, metavar="SHARE",
+def _add_distill_args(p, distill: float = 0.0) -> None:
+    p.add_argument("--distill", type=float, default=distill, metavar="SHARE",
                    help="recover by distillation from the dense model: this share of the loss is KL(teacher || "
                         "student) on the logits, the rest next-token (1 = distillation only; 0 = off)")
     p.add_argument("--temperature", type=float, default=1.0, help="of the distillation loss")

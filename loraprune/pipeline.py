@@ -46,10 +46,11 @@ from loraprune.lora.adapters import LORA_INITS, is_peft_model
 if TYPE_CHECKING:
     from loraprune.parallel import DataParallel
 
-__all__ = ["COMPILE_MARKER", "CompileOptions", "compile_model"]
+__all__ = ["COMPILE_MARKER", "TEACHERS", "CompileOptions", "compile_model"]
 
 COMPILE_MARKER = "model/loraprune_plan.json"  # what makes a folder "ours" for --force
 REPORT_FORMAT = "loraprune-compile-v1"
+TEACHERS = ("topk", "dense")  # the dense model's top-k distributions computed before recovery, or its logits each step
 STAGES = ("load", "trace_and_dependency", "prune", "save", "export", "evaluate", "bench", "report")
 
 
@@ -78,8 +79,11 @@ class CompileOptions:
     lora_alpha: int = 16
     lora_init: str = "pissa"  # how the LoRA factors start (lora.adapters.LORA_INITS), every criterion
     checkpointing: bool = False  # recompute each decoder layer in backward passes: less memory, ~1 more forward
-    distill: float = 0.0  # share of KL(dense teacher || student) in the fine-tuning loss; 0 = next-token only
+    distill: float = 0.5  # share of KL(teacher || student) in the fine-tuning loss, the rest next-token; measured
+    # best with flap at lora's memory (docs/results.md, the mixed loss with the top-k teacher); 0 = next-token only
     temperature: float = 1.0  # of the distillation loss
+    teacher: str = "topk"  # after a one-shot criterion: TEACHERS (the lora schedule rebuilds the dense one in memory)
+    teacher_topk: int = 64  # tokens per position the top-k teacher keeps
     lora_dropout: float = 0.05  # on the adapters' input while fine-tuning (0: each step is deterministic)
     collective_timeout: float = 1800.0  # seconds any one collective of a multi-process launch may wait
     eval_window: int = 256
@@ -125,8 +129,10 @@ class CompileOptions:
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         check_distillation(self.distill, self.temperature)
-        if self.distill and self.steps == 0:
-            raise ValueError("distill is a fine-tuning loss: it needs steps > 0")
+        if self.teacher not in TEACHERS:
+            raise ValueError(f"unknown teacher {self.teacher!r}; known: {', '.join(TEACHERS)}")
+        if self.teacher_topk < 1:
+            raise ValueError(f"teacher_topk must be >= 1, got {self.teacher_topk}")
         self.prune_config()  # validates scope, attention, round_to and the method's own options
         resolve(self.device, self.dtype)  # a GPU that is not there fails before anything is read
         if self.target not in ("cpu", "cuda"):
@@ -319,7 +325,7 @@ def _prune(options: CompileOptions, model: nn.Module, dense: nn.Module, analysis
     one-shot criterion (the same on every process), then LoRA recovery with the same budget. With `parallel`
     every fine-tuning step is data-parallel."""
     from loraprune.api import prune
-    from loraprune.lora.distill import Distillation, ModelTeacher
+    from loraprune.lora.distill import Distillation
     from loraprune.lora.training import causal_lm_loss, lora_recover
 
     if _iterative(options):
@@ -334,9 +340,9 @@ def _prune(options: CompileOptions, model: nn.Module, dense: nn.Module, analysis
     result = prune(dense, (data.example,), config, batches=data.calib, analysis=analysis)
     finetune = {"kind": "none", "steps": 0, "points": []}
     if options.steps > 0:
-        teacher = ModelTeacher(dense) if options.distill > 0 else None
-        distillation = None if teacher is None else Distillation(teacher, options.distill, options.temperature)
         start = time.perf_counter()
+        teacher = _recovery_teacher(options, dense, data.train[:options.steps], parallel) if options.distill else None
+        distillation = None if teacher is None else Distillation(teacher, options.distill, options.temperature)
         recovered, losses = lora_recover(result.model, data.train, steps=options.steps, lr=options.lr,
                                          r=options.lora_r, alpha=options.lora_alpha, init=options.lora_init,
                                          seed=options.seed, batch_size=options.batch_size, progress=options.progress,
@@ -350,6 +356,21 @@ def _prune(options: CompileOptions, model: nn.Module, dense: nn.Module, analysis
                     **_communicated(parallel, options.steps),
                     "points": [{"step": i + 1, "loss": v, "ratio": options.ratio} for i, v in enumerate(losses)]}
     return result, finetune
+
+
+def _recovery_teacher(options: CompileOptions, dense: nn.Module, steps: list[torch.Tensor],
+                      parallel: DataParallel | None):
+    """The teacher of recovery after a one-shot criterion. The top-k one is computed here, before the compact model
+    trains, on the rows of each step that this process will train on (every row where there is one process)."""
+    from loraprune.lora.distill import ModelTeacher, TopKTeacher
+    from loraprune.parallel import shard_step
+
+    if options.teacher == "dense":
+        return ModelTeacher(dense)
+    if parallel is not None:
+        steps = [rows for step in steps for rows in shard_step(step, parallel.world, parallel.rank)]
+    return TopKTeacher(dense, steps, k=options.teacher_topk, temperature=options.temperature,
+                       progress=options.progress)
 
 
 def _communicated(parallel: DataParallel | None, steps: int) -> dict:
@@ -515,8 +536,10 @@ def _lora_line(o: dict, criterion: str) -> str:
     if o["steps"] == 0:
         return "No LoRA fine-tuning (one-shot pruning)."
     how = f"LoRAPrune schedule, cool-down {o['cooldown']:g}" if criterion == "lora" else "recovery after one-shot"
+    teacher = "the dense model" if criterion == "lora" or o.get("teacher") != "topk" else (
+        f"the dense model's top-{o['teacher_topk']} next-token distributions, computed before recovery")
     loss = "next-token loss" if not o.get("distill") else (
-        f"distillation from the dense model (KL share {o['distill']:g}, temperature {o['temperature']:g})")
+        f"distillation from {teacher} (KL share {o['distill']:g}, temperature {o['temperature']:g})")
     return (f"LoRA fine-tuning: {o['steps']} steps of {o['batch_size']}x{o['window']} tokens, r={o['lora_r']}, "
             f"{o['lora_init']} init; {how}; {loss}.")
 

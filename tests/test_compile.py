@@ -139,21 +139,28 @@ def test_same_seed_gives_identical_plan_and_figures(tiny_folder, tmp_path):
     assert runs[0][1]["criterion"] == "flap" and runs[0][1]["finetune"]["kind"] == "lora_recover"
 
 
-@pytest.mark.parametrize("criterion,extra", [("taylor", ["--checkpointing"]), ("magnitude", []),
-                                            ("flap", ["--distill", "0.5", "--temperature", "2"])])
-def test_one_shot_criteria_with_recovery(tiny_folder, tmp_path, criterion, extra):
+@pytest.mark.parametrize("criterion,extra,teacher", [
+    ("taylor", ["--checkpointing"], "topk"),  # the default: half KL to the dense model's top 64 tokens
+    ("magnitude", ["--distill", "0"], None),
+    ("flap", ["--distill", "1", "--temperature", "2", "--teacher", "dense"], "dense"),
+    ("flap", ["--teacher-topk", "5"], "topk")])
+def test_one_shot_criteria_with_recovery(tiny_folder, tmp_path, criterion, extra, teacher):
     out = tmp_path / criterion
     assert main(["compile", str(tiny_folder), "--criterion", criterion, "--out", str(out), "--no-bench",
                  *extra, *FAST]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["finetune"]["kind"] == "lora_recover" and len(report["finetune"]["points"]) == 4
     assert report["params_after"] < report["params_before"] and report["verify"]["ok"]
-    distilled = "--distill" in extra
-    assert report["finetune"]["distill"] == (0.5 if distilled else 0.0)
-    dense_bytes = report["params_before"] * 4  # fp32
-    assert report["finetune"]["teacher_bytes"] == (dense_bytes if distilled else 0)  # the dense model, counted
-    assert ("distillation from the dense model (KL share 0.5, temperature 2)" in (out / "report.md").read_text()) \
-        == distilled
+    o = report["options"]
+    assert report["finetune"]["distill"] == {None: 0.0, "topk": 0.5, "dense": 1.0}[teacher]
+    teacher_bytes = {None: 0, "dense": report["params_before"] * 4,  # the dense model in fp32
+                     "topk": 4 * o["batch_size"] * o["window"] * o["teacher_topk"] * (4 + 4)}  # int32 id, fp32 log-p
+    assert report["finetune"]["teacher_bytes"] == teacher_bytes[teacher]
+    md = (out / "report.md").read_text()
+    assert ("next-token loss." in md) == (teacher is None)
+    assert ("distillation from the dense model (KL share 1, temperature 2)" in md) == (teacher == "dense")
+    assert (f"distillation from the dense model's top-{o['teacher_topk']} next-token distributions, computed "
+            "before recovery (KL share 0.5, temperature 1)" in md) == (teacher == "topk")
 
 
 def test_unknown_op_is_frozen_and_reported_and_the_run_goes_on(tiny_folder, tmp_path, monkeypatch):
@@ -197,6 +204,7 @@ BAD = {
     "a GPU that is not there": (lambda d: ["TINY", "--device", "cuda:99"], "device 'cuda:99' was asked for"),
     "unknown device": (lambda d: ["TINY", "--device", "tpu"], "unknown device 'tpu'"),
     "distill share 2": (lambda d: ["TINY", "--distill", "2"], "distill must be in [0, 1]"),
+    "top-k teacher of no tokens": (lambda d: ["TINY", "--teacher-topk", "0"], "teacher_topk must be >= 1"),
     "keep adapter without lora": (lambda d: ["TINY", "--keep-adapter"], "keep_adapter needs criterion 'lora'"),
     "missing out-of-domain text": (lambda d: ["TINY", "--ood-data", str(d / "nope.txt")], "nope.txt: no such file"),
 }
