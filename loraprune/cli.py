@@ -448,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lora: LoRA fine-tuning steps of 4x128 tokens while pruning (0 = one-shot scoring)")
     _add_distill_args(p)
     p.add_argument("--scope", choices=["uniform", "global"], default="uniform",
-                   help="same ratio per layer, or a global ranking (non-uniform widths)")
+                   help="same ratio per layer, or the same parameters removed where scores are lowest across "
+                        "layers and kinds (non-uniform widths)")
     p.add_argument("--attention", choices=["auto", "kv_groups", "query_heads"], default="auto",
                    help="remove whole KV groups, or query heads evenly inside each group")
     p.add_argument("--prune-hidden", action="store_true", help="also prune the hidden size (approximate)")
@@ -495,7 +496,8 @@ def _add_compile(sub) -> None:
                    help="flap (FLAP) and activation (Minitron): forward passes only, then LoRA recovery; lora: "
                         "LoRAPrune (LoRA gradients, iterative); taylor: full weight gradients; magnitude; random")
     g.add_argument("--scope", choices=["uniform", "global"], default=Defaults.scope,
-                   help="same ratio per layer, or one global ranking (non-uniform widths)")
+                   help="same ratio per layer, or the same parameters removed where scores are lowest across "
+                        "layers and kinds (non-uniform widths)")
     g.add_argument("--attention", choices=["auto", "kv_groups", "query_heads"], default=Defaults.attention,
                    help="remove whole KV groups, or query heads evenly inside each group")
     g.add_argument("--prune-hidden", action="store_true", help="also prune the hidden size (approximate)")

@@ -27,6 +27,8 @@ class ChannelGroup:
     and `kv_of_unit` the KV unit each query-head unit reads; removing a KV unit removes its query heads.
     `reduced`: some op takes a statistic over these channels (a LayerNorm over the hidden stream), so removing
     units changes it and the compact model only approximates the masked one; only hidden-stream groups can be.
+    `unit_params` / `kv_unit_params`: the parameters each unit (each KV unit) takes with it, what a selection
+    that spends a parameter budget across groups (`scope="global"`) weighs units by; None: `unit_size` each.
     """
 
     name: str
@@ -40,6 +42,8 @@ class ChannelGroup:
     num_kv_units: int = 0
     kv_of_unit: np.ndarray | None = None
     reduced: bool = False
+    unit_params: np.ndarray | None = None
+    kv_unit_params: np.ndarray | None = None
 
     @property
     def params(self) -> list[str]:

@@ -231,7 +231,9 @@ def _assemble(keys: list[tuple[str, int]], roots: list[np.ndarray], sol: Solutio
         order = min(order_of.get(p, 0) for p in names)
         name = "hidden" if kind == "hidden" else module_of(names) or "model"
         groups.append(ChannelGroup(name, kind, len(units), unit_size, members, order, None, kv_members, num_kv,
-                                   kv_of_unit, reduced=bool(sol.reduced[units].any())))
+                                   kv_of_unit, reduced=bool(sol.reduced[units].any()),
+                                   unit_params=_unit_params(members, program_shapes, len(units)),
+                                   kv_unit_params=_unit_params(kv_members, program_shapes, num_kv) if num_kv else None))
     groups.sort(key=lambda g: (g.order, g.kind))
     seen: dict[str, int] = {}
     for g in groups:  # names key the kept units and scores: groups of one module (or of the root) get a suffix
@@ -244,6 +246,16 @@ def _assemble(keys: list[tuple[str, int]], roots: list[np.ndarray], sol: Solutio
             for layer, g in enumerate(same):
                 g.layer = layer
     return groups
+
+
+def _unit_params(members: dict[tuple[str, int], np.ndarray], shapes: dict[str, tuple[int, ...]],
+                 count: int) -> np.ndarray:
+    """Parameters removed with each unit: per member, its indices along the dim times the elements of one slice."""
+    out = np.zeros(count, dtype=np.int64)
+    for (name, dim), ids in members.items():
+        shape = shapes[name]
+        out += np.bincount(ids[ids >= 0], minlength=count)[:count] * (int(np.prod(shape)) // shape[dim])
+    return out
 
 
 def _members(keys: list[tuple[str, int]], roots: list[np.ndarray], unit_id: dict[int, int]):

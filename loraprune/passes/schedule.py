@@ -69,11 +69,7 @@ def _select_monotone(groups: list[ChannelGroup], scores: GroupScores, kept: dict
         s = np.nan_to_num(np.asarray(scores.units[g.name], dtype=float), nan=0.0, posinf=0.0, neginf=0.0)
         alive = np.zeros(g.num_units, bool)
         alive[kept[g.name]] = True
-        if g.kind == "hidden" and config.scope == "global":  # pooled as score / mean there: stay finite
-            s = np.where(alive, np.maximum(s, 0.0) + 1e-200, 0.0)
-        else:
-            s = np.where(alive, s, -np.inf)
-        units[g.name] = s
+        units[g.name] = np.where(alive, s, -np.inf)
         if g.num_kv_units:
             k = np.nan_to_num(np.asarray(scores.kv[g.name], dtype=float), nan=0.0, posinf=0.0, neginf=0.0)
             kv[g.name] = np.where(np.isin(np.arange(g.num_kv_units), g.kv_of_unit[kept[g.name]]), k, -np.inf)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import asdict, dataclass
 from typing import Self
@@ -35,7 +36,9 @@ class SelectConfig:
     """How many units go, and where.
 
     ratio: fraction of each prunable group's units removed (heads, MLP channels; hidden only if asked).
-    scope: "uniform" (the same ratio in every layer) or "global" (lowest scores across layers go first).
+    scope: "uniform" (the same ratio in every layer) or "global" (as many parameters as uniform removes, taken
+      where the standardised scores are lowest, across layers and between heads and MLP channels: FLAP's
+      adaptive structure).
     attention: "kv_groups" removes whole KV groups with their query heads; "query_heads" removes query heads
       evenly inside every KV group (KV heads stay); "auto" takes kv_groups when there are >= 4 KV groups,
       else query_heads (with 1-3 KV groups, whole-group steps are too coarse; MQA has one group).
@@ -137,28 +140,98 @@ def select_units(groups: list[ChannelGroup], scores: dict[str, np.ndarray], conf
     active = [g for g in groups if g.name not in skip and (g.kind != "hidden" or config.prune_hidden)
               and g.num_units > 1]
     kept = {g.name: np.arange(g.num_units) for g in groups}
-    ratios = {g.name: config.ratio for g in active}
-    if config.scope == "global" and config.ratio > 0:
-        ratios = _global_ratios(active, scores, config)
     for g in active:
         if g.kind == "attention":
-            kept[g.name] = _select_attention(g, scores[g.name], kv_scores.get(g.name), ratios[g.name], config)
+            kept[g.name] = _select_attention(g, scores[g.name], kv_scores.get(g.name), config.ratio, config)
         else:
-            kept[g.name] = _keep_top(scores[g.name], _keep_count(g.num_units, ratios[g.name], g.unit_size, config))
+            kept[g.name] = _keep_top(scores[g.name], _keep_count(g.num_units, config.ratio, g.unit_size, config))
+    if config.scope == "global" and config.ratio > 0:
+        kept.update(_global_kept(active, scores, kv_scores, kept, config))
     return kept
 
 
-def _global_ratios(active: list[ChannelGroup], scores: dict[str, np.ndarray], config: SelectConfig):
-    """Per-group ratios from one ranking per kind: the same total removed, placed where scores are lowest."""
-    ratios = {}
-    for kind in {g.kind for g in active}:
-        same = [g for g in active if g.kind == kind]
-        pooled = np.concatenate([scores[g.name] / (np.mean(scores[g.name]) + 1e-12) for g in same]) \
-            if kind == "hidden" else np.concatenate([scores[g.name] for g in same])
-        owner = np.concatenate([np.full(g.num_units, i) for i, g in enumerate(same)])
-        n_remove = int(config.ratio * len(pooled) + 0.5)
-        order = np.lexsort((np.arange(len(pooled)), pooled))[:n_remove]
-        removed = np.bincount(owner[order], minlength=len(same))
-        for i, g in enumerate(same):
-            ratios[g.name] = min(removed[i] / g.num_units, (g.num_units - config.min_keep) / g.num_units)
-    return ratios
+def _global_kept(active: list[ChannelGroup], scores: dict[str, np.ndarray], kv_scores: dict[str, np.ndarray],
+                 uniform: dict[str, np.ndarray], config: SelectConfig) -> dict[str, np.ndarray]:
+    """FLAP's adaptive structure (arXiv 2312.11983): the parameters the uniform selection removes, taken instead
+    from the lowest-scored units of any layer and kind. Scores are standardised per kind over the layers (per
+    group for residual streams, which need not share a scale), so heads and MLP channels compete; each group
+    shrinks only in the steps its mode allows (one query head in every KV group, a whole KV group, `round_to`).
+    The budget is the uniform selection's, so both scopes give models of the same size. Units scored -inf (those
+    LoRAPrune's schedule already removed) always go."""
+    z = _standardised(active, scores)
+    budget = sum(_params(g, np.setdiff1d(np.arange(g.num_units), uniform[g.name])) for g in active)
+    steps = sorted((score, i, j, cost, units) for i, g in enumerate(active)
+                   for j, (score, cost, units) in enumerate(_shrink_steps(g, z[g.name], kv_scores.get(g.name), config)))
+    spent, closed = 0.0, set()
+    removed: dict[int, list[np.ndarray]] = {i: [] for i in range(len(active))}
+    for score, i, _, cost, units in steps:
+        if i in closed:
+            continue
+        if score == -np.inf or spent + cost / 2 < budget:  # a step goes when it brings the total nearer the budget
+            spent += cost
+            removed[i].append(units)
+        else:
+            closed.add(i)  # a group shrinks in order: none of its later steps may go either
+    return {g.name: np.setdiff1d(np.arange(g.num_units), np.concatenate([np.zeros(0, np.int64), *removed[i]]))
+            for i, g in enumerate(active)}
+
+
+def _standardised(active: list[ChannelGroup], scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """(score - mean) / std over the finite scores of each kind (of each residual-stream group alone)."""
+    pools: dict[str, list[ChannelGroup]] = {}
+    for g in active:
+        pools.setdefault(g.name if g.kind == "hidden" else g.kind, []).append(g)
+    out = {}
+    for same in pools.values():
+        values = np.concatenate([np.asarray(scores[g.name], dtype=float) for g in same])
+        finite = values[np.isfinite(values)]
+        mean = finite.mean() if finite.size else 0.0
+        std = finite.std() if finite.size and finite.std() > 0 else 1.0
+        out.update({g.name: (np.asarray(scores[g.name], dtype=float) - mean) / std for g in same})
+    return out
+
+
+def _shrink_steps(group: ChannelGroup, z: np.ndarray, kv_scores: np.ndarray | None,
+                  config: SelectConfig) -> list[tuple[float, float, np.ndarray]]:
+    """The ways `group` can shrink, in the order it must: (score, parameters, units removed) per step, the step's
+    score the mean of its units' (never below an earlier step's, so the global ranking takes them in order)."""
+    mode = _attention_mode(group, config) if group.kind == "attention" else "heads"
+    if mode == "heads":
+        chunks = _chunks(_removal_order(z), group.num_units, group.unit_size, config)
+    elif mode == "query_heads":
+        per_group = group.num_units // group.num_kv_units
+        orders = [np.flatnonzero(group.kv_of_unit == k)[_removal_order(z[group.kv_of_unit == k])]
+                  for k in range(group.num_kv_units)]
+        chunks = [np.concatenate(parts) for parts in
+                  zip(*(_chunks(order, per_group, group.unit_size, config) for order in orders), strict=True)]
+    else:
+        per_kv = kv_scores if kv_scores is not None else np.bincount(group.kv_of_unit, z)
+        kv_chunks = _chunks(_removal_order(np.asarray(per_kv, dtype=float)), group.num_kv_units, 1, config)
+        chunks = [np.flatnonzero(np.isin(group.kv_of_unit, kv)) for kv in kv_chunks]
+    steps, floor = [], -np.inf
+    for units in chunks:
+        floor = max(floor, float(np.mean(z[units])))
+        steps.append((floor, _params(group, units), units))
+    return steps
+
+
+def _removal_order(scores: np.ndarray) -> np.ndarray:
+    """Lowest score first; ties: the higher index first (`_keep_top` keeps the lower)."""
+    return np.lexsort((-np.arange(len(scores)), scores))
+
+
+def _chunks(order: np.ndarray, units: int, unit_size: int, config: SelectConfig) -> list[np.ndarray]:
+    """`order` cut at every width the group may shrink to (>= min_keep units, a multiple of round_to channels)."""
+    widths = [k for k in range(units - 1, config.min_keep - 1, -1) if (k * unit_size) % config.round_to == 0]
+    cuts = [units - k for k in widths]
+    return [order[a:b] for a, b in itertools.pairwise([0, *cuts])]
+
+
+def _params(group: ChannelGroup, units: np.ndarray) -> float:
+    """Parameters that go with these (query-head) units, and with KV units none of whose heads stay."""
+    per_unit = group.unit_params if group.unit_params is not None else np.full(group.num_units, group.unit_size)
+    total = float(per_unit[units].sum())
+    if group.num_kv_units and group.kv_unit_params is not None:
+        gone = np.setdiff1d(group.kv_of_unit[units], group.kv_of_unit[np.setdiff1d(np.arange(group.num_units), units)])
+        total += float(group.kv_unit_params[gone].sum())
+    return total
