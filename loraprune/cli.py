@@ -121,9 +121,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from loraprune.outputs import check_target
     from loraprune.pipeline import CompileOptions
 
-    config = make_config(args.criterion, ratio=args.ratio, scope=args.scope, attention=args.attention,
-                         prune_hidden=args.prune_hidden, round_to=args.round_to, seed=args.seed, steps=args.steps,
-                         distill=args.distill, temperature=args.temperature,
+    config = make_config(args.criterion, ratio=args.ratio, scope=args.scope, spread=args.spread,
+                         attention=args.attention, prune_hidden=args.prune_hidden, round_to=args.round_to,
+                         seed=args.seed, steps=args.steps, distill=args.distill, temperature=args.temperature,
                          **({"init": args.lora_init} if args.lora_init else {}))
     if args.distill and not (isinstance(config, LoRAPruneConfig) and config.steps > 0):
         raise ValueError("--distill is a fine-tuning loss: prune fine-tunes only with --criterion lora and --steps > 0 "
@@ -211,10 +211,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     options = CompileOptions(
         model=args.model, out=args.out, adapter=args.adapter, data=list(args.data or []), ratio=args.ratio,
-        criterion=args.criterion, scope=args.scope, attention=args.attention, prune_hidden=args.prune_hidden,
-        round_to=args.round_to, steps=args.steps, cooldown=args.cooldown, batch_size=args.batch_size,
-        window=args.window, calib_batches=args.calib_batches, lr=args.lr, lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha, lora_init=args.lora_init, eval_window=args.eval_window,
+        criterion=args.criterion, scope=args.scope, spread=args.spread, attention=args.attention,
+        prune_hidden=args.prune_hidden, round_to=args.round_to, steps=args.steps, cooldown=args.cooldown,
+        batch_size=args.batch_size, window=args.window, calib_batches=args.calib_batches, lr=args.lr,
+        lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_init=args.lora_init, eval_window=args.eval_window,
         eval_windows=args.eval_windows, gen_tokens=args.gen_tokens, bench=not args.no_bench,
         bench_grid=tuple(args.bench_grid), decode_tokens=args.decode_tokens,
         bench_runs=args.bench_runs, threads=args.threads, seed=args.seed, force=args.force,
@@ -447,9 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=LoRAPruneConfig.steps,
                    help="lora: LoRA fine-tuning steps of 4x128 tokens while pruning (0 = one-shot scoring)")
     _add_distill_args(p)
-    p.add_argument("--scope", choices=["uniform", "global"], default="uniform",
-                   help="same ratio per layer, or the same parameters removed where scores are lowest across "
-                        "layers and kinds (non-uniform widths)")
+    _add_scope_args(p)
     p.add_argument("--attention", choices=["auto", "kv_groups", "query_heads"], default="auto",
                    help="remove whole KV groups, or query heads evenly inside each group")
     p.add_argument("--prune-hidden", action="store_true", help="also prune the hidden size (approximate)")
@@ -472,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_compile(sub) -> None:
     from loraprune.config import CONFIGS
     from loraprune.lora.adapters import LORA_INITS
-    from loraprune.pipeline import TEACHERS
+    from loraprune.pipeline import GLOBAL_SPREAD, TEACHERS
     from loraprune.pipeline import CompileOptions as Defaults
 
     p = sub.add_parser(
@@ -495,9 +493,7 @@ def _add_compile(sub) -> None:
     g.add_argument("--criterion", choices=sorted(CONFIGS), default=Defaults.criterion,
                    help="flap (FLAP) and activation (Minitron): forward passes only, then LoRA recovery; lora: "
                         "LoRAPrune (LoRA gradients, iterative); taylor: full weight gradients; magnitude; random")
-    g.add_argument("--scope", choices=["uniform", "global"], default=Defaults.scope,
-                   help="same ratio per layer, or the same parameters removed where scores are lowest across "
-                        "layers and kinds (non-uniform widths)")
+    _add_scope_args(g, Defaults.scope, f"with --scope global, {GLOBAL_SPREAD}; 1 = no bound")
     g.add_argument("--attention", choices=["auto", "kv_groups", "query_heads"], default=Defaults.attention,
                    help="remove whole KV groups, or query heads evenly inside each group")
     g.add_argument("--prune-hidden", action="store_true", help="also prune the hidden size (approximate)")
@@ -555,6 +551,15 @@ def _add_compile(sub) -> None:
     p.add_argument("--seed", type=int, default=Defaults.seed)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_compile)
+
+
+def _add_scope_args(p, scope: str = "uniform", spread_default: str = "no bound") -> None:
+    p.add_argument("--scope", choices=["uniform", "global"], default=scope,
+                   help="same ratio per layer, or the same parameters removed where scores are lowest across "
+                        "layers and kinds (non-uniform widths)")
+    p.add_argument("--spread", type=float, default=None, metavar="SHARE",
+                   help="global scope: each group removes what the uniform cut removes from it, give or take this "
+                        f"share of its units (default %(default)s: {spread_default})")
 
 
 def _add_distill_args(p, distill: float = 0.0) -> None:

@@ -46,10 +46,12 @@ from loraprune.lora.adapters import LORA_INITS, is_peft_model
 if TYPE_CHECKING:
     from loraprune.parallel import DataParallel
 
-__all__ = ["COMPILE_MARKER", "TEACHERS", "CompileOptions", "compile_model"]
+__all__ = ["COMPILE_MARKER", "GLOBAL_SPREAD", "TEACHERS", "CompileOptions", "compile_model"]
 
 COMPILE_MARKER = "model/loraprune_plan.json"  # what makes a folder "ours" for --force
 REPORT_FORMAT = "loraprune-compile-v1"
+# compile's bound on the global scope's widths: measured best after flap at 0.2 and 0.5 (docs/results.md)
+GLOBAL_SPREAD = 0.05
 TEACHERS = ("topk", "dense")  # the dense model's top-k distributions computed before recovery, or its logits each step
 STAGES = ("load", "trace_and_dependency", "prune", "save", "export", "evaluate", "bench", "report")
 
@@ -65,7 +67,9 @@ class CompileOptions:
     ood_data: list[str] = field(default_factory=list)  # out-of-domain eval text; empty = the licence texts
     ratio: float = 0.2
     criterion: str = "flap"  # measured best with recovery at lora's memory (docs/results.md, the 200-step grid)
-    scope: str = "uniform"
+    scope: str = "global"  # measured best after flap at both ratios (docs/results.md, "The global scope")
+    spread: float | None = None  # global scope: bound on each group's removed share around the uniform cut's;
+    # None takes GLOBAL_SPREAD under the global scope (measured), nothing under the uniform one
     attention: str = "auto"
     prune_hidden: bool = False
     round_to: int = 1
@@ -140,7 +144,9 @@ class CompileOptions:
 
     def prune_config(self) -> PruneConfig:
         """The typed config of this run's criterion; for "lora" with steps > 0, LoRAPrune's whole schedule."""
-        return make_config(self.criterion, ratio=self.ratio, scope=self.scope, attention=self.attention,
+        spread = GLOBAL_SPREAD if self.spread is None and self.scope == "global" else self.spread
+        return make_config(self.criterion, ratio=self.ratio, scope=self.scope, spread=spread,
+                           attention=self.attention,
                            prune_hidden=self.prune_hidden, round_to=self.round_to, seed=self.seed, steps=self.steps,
                            cooldown=self.cooldown, lr=self.lr, r=self.lora_r,
                            alpha=self.lora_alpha, init=self.lora_init, batch_size=self.batch_size,

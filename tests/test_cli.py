@@ -11,6 +11,8 @@ from loraprune.cli import main
 @pytest.mark.parametrize("argv, needle", [
     (["inspect", "/no/such/model"], "/no/such/model"),
     (["prune", "--ratio", "1.5", "--out", "OUT"], "ratio must be in"),
+    (["prune", "--spread", "0.1", "--out", "OUT"], "needs scope='global'"),
+    (["compile", "--scope", "global", "--spread", "-1", "--out", "OUT"], "spread must be >= 0"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, needle, capsys, tmp_path):
     argv = [str(tmp_path / "o") if a == "OUT" else a for a in argv]

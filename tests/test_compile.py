@@ -364,3 +364,14 @@ def test_compile_keep_adapter(tiny_folder, tmp_path, capsys, input_adapter):
     assert main(["eval", str(out), "--eval-window", "64", "--eval-windows", "4"]) == 0
     ppl = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppl"]
     assert ppl == pytest.approx(report["ppl_after"], rel=1e-5)  # model/ + adapter/ is what was evaluated
+
+
+def test_the_default_scope_is_global_with_the_measured_spread():
+    from loraprune.pipeline import GLOBAL_SPREAD, CompileOptions
+
+    assert CompileOptions().prune_config().scope == "global"
+    assert CompileOptions().prune_config().spread == GLOBAL_SPREAD
+    assert CompileOptions(spread=1.0).prune_config().spread == 1.0
+    assert CompileOptions(scope="uniform").prune_config().spread is None
+    with pytest.raises(ValueError, match="needs scope='global'"):
+        CompileOptions(scope="uniform", spread=0.1)

@@ -80,12 +80,45 @@ def test_global_gives_the_uniform_size_with_other_widths(attention):
     assert torch.isfinite(result.model(x).logits).all()
 
 
-def test_the_schedule_shrinks_monotonically_under_the_global_scope():
+@pytest.mark.parametrize("spread", [None, 0.1])
+def test_the_schedule_shrinks_monotonically_under_the_global_scope(spread):
     model = tiny_llama(layers=4, heads=4, kv_heads=2)
     batches = [token_ids(2, 12, seed=s) for s in range(4)]
     config = dict(ratio=0.5, count_macs=False, **WHOLE)
-    result = prune(model, token_ids(), LoRAPruneConfig(scope="global", steps=20, update_every=2, lr=1e-2,
-                                                       cooldown=0.1, progress=False, **config), batches=batches)
+    result = prune(model, token_ids(), LoRAPruneConfig(scope="global", spread=spread, steps=20, update_every=2,
+                                                       lr=1e-2, cooldown=0.1, progress=False, **config),
+                   batches=batches)
     uniform = prune(model, token_ids(), MagnitudeConfig(**config))
     assert result.report.params_after < result.report.params_before
     assert abs(result.report.params_after - uniform.report.params_after) < 0.05 * result.report.params_before
+
+
+def test_spread_zero_is_the_uniform_cut_and_a_spread_bounds_every_group():
+    rng = np.random.default_rng(0)
+    groups = [_mlp(name, layer, 20, 1) for layer, name in enumerate("abcd")]
+    scores = {"a": rng.random(20) - 5.0, **{g: rng.random(20) for g in "bcd"}}  # unbounded: a is cut to one unit
+    config = dict(ratio=0.4, **WHOLE)
+    uniform = select_units(groups, scores, SelectConfig(**config))
+    assert len(select_units(groups, scores, SelectConfig(scope="global", **config))["a"]) == 1
+    for name, kept in select_units(groups, scores, SelectConfig(scope="global", spread=0.0, **config)).items():
+        assert kept.tolist() == uniform[name].tolist()
+    bounded = select_units(groups, scores, SelectConfig(scope="global", spread=0.15, **config))
+    assert all(12 - 3 <= len(k) <= 12 + 3 for k in bounded.values())  # uniform keeps 12; 0.15 x 20 = 3 either way
+    assert sum(len(k) for k in bounded.values()) == sum(len(k) for k in uniform.values())  # the same budget
+    assert len(bounded["a"]) == 9  # a, the lowest-scored, goes down to its bound
+
+
+def test_spread_never_keeps_units_scored_minus_infinity():
+    groups = [_mlp("a", 0, 10, 1), _mlp("b", 1, 10, 1)]
+    a = np.linspace(0.0, 1.0, 10)
+    a[:8] = -np.inf  # already removed by LoRAPrune's schedule, past any bound
+    kept = select_units(groups, {"a": a, "b": np.linspace(2.0, 3.0, 10)},
+                        SelectConfig(ratio=0.3, scope="global", spread=0.1, **WHOLE))
+    assert kept["a"].tolist() == [8, 9]
+
+
+def test_spread_is_checked():
+    with pytest.raises(ValueError, match="spread must be >= 0"):
+        SelectConfig(scope="global", spread=-0.1)
+    with pytest.raises(ValueError, match="needs scope='global'"):
+        SelectConfig(spread=0.1)

@@ -191,21 +191,22 @@ def quality(args, out: Path) -> dict:
     dense_ood = perplexity(dense, ood)
     partial = out / "quality_partial.json"
     rows = json.loads(partial.read_text()) if args.resume and partial.exists() else []
-    done = {(r["ratio"], r["criterion"], r["recovery"]) for r in rows}
+    done = {(r["ratio"], r["criterion"], r["recovery"]) for r in rows
+            if (r.get("scope", "uniform"), r.get("spread")) == (args.scope, args.spread)}
     cells = [(r, c, k) for r in args.ratios for c in args.criteria for k in args.recoveries
              if (r, c, k) not in done and (c, k) != ("lora", "distill-topk")]  # the schedule rebuilds its teacher
     one_shots: dict[tuple[float, str], tuple] = {}  # both recoveries start from the same one-shot model
     for ratio, criterion, recovery in tqdm(cells, desc="quality"):
         if (ratio, criterion) not in one_shots:
-            config = make_config(criterion, ratio=ratio, scope=args.scope, seed=args.seed, init=args.lora_init,
-                                 steps=0)
+            config = make_config(criterion, ratio=ratio, scope=args.scope, spread=args.spread, seed=args.seed,
+                                 init=args.lora_init, steps=0)
             pruned = prune(dense, example, config, analysis=analysis, batches=batches[: args.calib])
             one_shots = {(ratio, criterion): (pruned, perplexity(pruned.model, evals).ppl)}
         one_shot, ppl_one_shot = one_shots[(ratio, criterion)]
         distill = args.distill_weight if recovery.startswith("distill") else 0.0
         if criterion == "lora":
-            config = LoRAPruneConfig(ratio=ratio, scope=args.scope, update_every=args.update_every,
-                                     cooldown=args.cooldown, lam=args.lam,
+            config = LoRAPruneConfig(ratio=ratio, scope=args.scope, spread=args.spread,
+                                     update_every=args.update_every, cooldown=args.cooldown, lam=args.lam,
                                      count_macs=False, distill=distill, temperature=args.temperature, **lora_kwargs)
             finetune = functools.partial(prune, dense, example, config, batches=batches)
         else:
@@ -222,6 +223,7 @@ def quality(args, out: Path) -> dict:
             if isinstance(teacher, ModelTeacher) and peak_mb is not None:
                 peak_mb += teacher_bytes / 2**20  # the dense model, resident before the stage and held through it
         row = {"ratio": ratio, "criterion": criterion, "recovery": recovery, "scope": args.scope,
+               "spread": args.spread,
                "params_one_shot": one_shot.report.params_after, "params_recovered": params_recovered,
                "ppl_one_shot": ppl_one_shot, "ppl_recovered": perplexity(recovered, evals).ppl,
                "ppl_ood_recovered": perplexity(recovered, ood).ppl, "teacher_bytes": teacher_bytes,
@@ -273,7 +275,8 @@ def _markdown(results: dict, args) -> str:
         lines += [f"Held-out perplexity ({q['eval_windows']} windows x {q['eval_window_len']} tokens of "
                   f"{q['corpus']}); dense: **{q['dense_ppl']:.2f}** ({q['params_dense'] / 1e6:.1f}M params). "
                   f"Fine-tuning budget: {args.steps} steps x {args.batch}x{args.window} tokens, LoRA r=8 "
-                  f"({args.lora_init} init), lr {args.lr}, seed {args.seed}; selection scope {args.scope}; lora "
+                  f"({args.lora_init} init), lr {args.lr}, seed {args.seed}; selection scope {args.scope}"
+                  f"{'' if args.spread is None else f' (spread {args.spread:g})'}; lora "
                   f"schedule cool-down "
                   f"{args.cooldown:g}, score average lam {args.lam:g}; one-shot data criteria use {args.calib} "
                   f"batches; distillation: KL share {args.distill_weight:g}, temperature {args.temperature:g}, "
@@ -377,6 +380,8 @@ def main() -> None:
     parser.add_argument("--lam", type=float, default=0.9, help="lora schedule: moving average of the scores")
     parser.add_argument("--scope", choices=["uniform", "global"], default="uniform",
                         help="the same ratio in every layer, or one parameter budget across layers and kinds")
+    parser.add_argument("--spread", type=float, default=None,
+                        help="global scope: each group removes within this share of its units of the uniform cut")
     parser.add_argument("--lora-init", choices=sorted(LORA_INITS), default="pissa")
     parser.add_argument("--seed", type=int, default=0, help="LoRA factors, dropout and criterion randomness")
     parser.add_argument("--threads", type=int, default=2)

@@ -39,6 +39,9 @@ class SelectConfig:
     scope: "uniform" (the same ratio in every layer) or "global" (as many parameters as uniform removes, taken
       where the standardised scores are lowest, across layers and between heads and MLP channels: FLAP's
       adaptive structure).
+    spread: with scope "global", each group removes what the uniform cut removes from it, give or take spread x
+      its units (OWL's bound on per-layer sparsity, arXiv 2310.05175), so no layer is cut to nothing; None: no
+      bound.
     attention: "kv_groups" removes whole KV groups with their query heads; "query_heads" removes query heads
       evenly inside every KV group (KV heads stay); "auto" takes kv_groups when there are >= 4 KV groups,
       else query_heads (with 1-3 KV groups, whole-group steps are too coarse; MQA has one group).
@@ -49,6 +52,7 @@ class SelectConfig:
 
     ratio: float = 0.2
     scope: str = "uniform"
+    spread: float | None = None
     attention: str = "auto"
     prune_hidden: bool | None = None
     exclude_first: float | None = None
@@ -61,6 +65,10 @@ class SelectConfig:
             raise ValueError(f"ratio must be in [0, 1), got {self.ratio!r}")
         if self.scope not in ("uniform", "global"):
             raise ValueError(f"scope must be 'uniform' or 'global', got {self.scope!r}")
+        if self.spread is not None and not (isinstance(self.spread, (int, float)) and self.spread >= 0):
+            raise ValueError(f"spread must be >= 0 or None, got {self.spread!r}")
+        if self.spread is not None and self.scope != "global":
+            raise ValueError("spread bounds the global scope's widths: it needs scope='global'")
         if self.attention not in ("auto", "kv_groups", "query_heads"):
             raise ValueError(f"attention must be 'auto', 'kv_groups' or 'query_heads', got {self.attention!r}")
         if self.round_to < 1 or self.min_keep < 1:
@@ -157,23 +165,44 @@ def _global_kept(active: list[ChannelGroup], scores: dict[str, np.ndarray], kv_s
     group for residual streams, which need not share a scale), so heads and MLP channels compete; each group
     shrinks only in the steps its mode allows (one query head in every KV group, a whole KV group, `round_to`).
     The budget is the uniform selection's, so both scopes give models of the same size. Units scored -inf (those
-    LoRAPrune's schedule already removed) always go."""
+    LoRAPrune's schedule already removed) always go. With `spread`, each group removes within spread x its units
+    of what the uniform cut removes from it: the steps below that go first, those above it never."""
     z = _standardised(active, scores)
-    budget = sum(_params(g, np.setdiff1d(np.arange(g.num_units), uniform[g.name])) for g in active)
-    steps = sorted((score, i, j, cost, units) for i, g in enumerate(active)
-                   for j, (score, cost, units) in enumerate(_shrink_steps(g, z[g.name], kv_scores.get(g.name), config)))
-    spent, closed = 0.0, set()
-    removed: dict[int, list[np.ndarray]] = {i: [] for i in range(len(active))}
-    for score, i, _, cost, units in steps:
+    gone = {g.name: np.setdiff1d(np.arange(g.num_units), uniform[g.name]) for g in active}
+    budget = sum(_params(g, gone[g.name]) for g in active)
+    steps, forced = [], []
+    for i, g in enumerate(active):
+        low, high = _removal_bounds(len(gone[g.name]), g.num_units, config.spread)
+        removed = 0
+        for j, (score, cost, units) in enumerate(_shrink_steps(g, z[g.name], kv_scores.get(g.name), config)):
+            removed += len(units)
+            if removed > high and score != -np.inf:
+                break  # past the bound: none of the group's later steps may go either
+            (forced if removed <= low or score == -np.inf else steps).append((score, i, j, cost, units))
+    spent = sum(cost for _, _, _, cost, _ in forced)
+    closed = set()
+    taken: dict[int, list[np.ndarray]] = {i: [] for i in range(len(active))}
+    for _, i, _, _, units in forced:
+        taken[i].append(units)
+    for _, i, _, cost, units in sorted(steps, key=lambda step: step[:3]):
         if i in closed:
             continue
-        if score == -np.inf or spent + cost / 2 < budget:  # a step goes when it brings the total nearer the budget
+        if spent + cost / 2 < budget:  # a step goes when it brings the total nearer the budget
             spent += cost
-            removed[i].append(units)
+            taken[i].append(units)
         else:
             closed.add(i)  # a group shrinks in order: none of its later steps may go either
-    return {g.name: np.setdiff1d(np.arange(g.num_units), np.concatenate([np.zeros(0, np.int64), *removed[i]]))
+    return {g.name: np.setdiff1d(np.arange(g.num_units), np.concatenate([np.zeros(0, np.int64), *taken[i]]))
             for i, g in enumerate(active)}
+
+
+def _removal_bounds(uniform_removed: int, units: int, spread: float | None) -> tuple[float, float]:
+    """How many units a group must and may remove under the global scope: within `spread` of its units around
+    what the uniform cut removes (a little slack, so a bound on a whole number of units is not lost to
+    rounding)."""
+    if spread is None:
+        return -1.0, math.inf
+    return uniform_removed - spread * units + 1e-9, uniform_removed + spread * units + 1e-9
 
 
 def _standardised(active: list[ChannelGroup], scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
