@@ -102,6 +102,9 @@ def test_spread_zero_is_the_uniform_cut_and_a_spread_bounds_every_group():
     assert len(select_units(groups, scores, SelectConfig(scope="global", **config))["a"]) == 1
     for name, kept in select_units(groups, scores, SelectConfig(scope="global", spread=0.0, **config)).items():
         assert kept.tolist() == uniform[name].tolist()
+    unbounded = select_units(groups, scores, SelectConfig(scope="global", **config))
+    for name, kept in select_units(groups, scores, SelectConfig(scope="global", spread=1.0, **config)).items():
+        assert kept.tolist() == unbounded[name].tolist()  # a spread of 1 bounds nothing
     bounded = select_units(groups, scores, SelectConfig(scope="global", spread=0.15, **config))
     assert all(12 - 3 <= len(k) <= 12 + 3 for k in bounded.values())  # uniform keeps 12; 0.15 x 20 = 3 either way
     assert sum(len(k) for k in bounded.values()) == sum(len(k) for k in uniform.values())  # the same budget
