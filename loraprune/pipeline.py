@@ -146,9 +146,8 @@ class CompileOptions:
         """The typed config of this run's criterion; for "lora" with steps > 0, LoRAPrune's whole schedule."""
         spread = GLOBAL_SPREAD if self.spread is None and self.scope == "global" else self.spread
         return make_config(self.criterion, ratio=self.ratio, scope=self.scope, spread=spread,
-                           attention=self.attention,
-                           prune_hidden=self.prune_hidden, round_to=self.round_to, seed=self.seed, steps=self.steps,
-                           cooldown=self.cooldown, lr=self.lr, r=self.lora_r,
+                           attention=self.attention, prune_hidden=self.prune_hidden, round_to=self.round_to,
+                           seed=self.seed, steps=self.steps, cooldown=self.cooldown, lr=self.lr, r=self.lora_r,
                            alpha=self.lora_alpha, init=self.lora_init, batch_size=self.batch_size,
                            checkpointing=self.checkpointing, merge=not self.keep_adapter, progress=self.progress,
                            distill=self.distill, temperature=self.temperature, dropout=self.lora_dropout)

@@ -172,6 +172,13 @@ def _measured(fn):
     return returned[0], peak_mb, time.perf_counter() - start
 
 
+def done_cells(rows: list[dict], scope: str, spread: float | None) -> set[tuple[float, str, str]]:
+    """The (ratio, criterion, recovery) cells `rows` already hold for this selection; rows written before rows
+    recorded their scope are uniform ones."""
+    return {(r["ratio"], r["criterion"], r["recovery"]) for r in rows
+            if (r.get("scope", "uniform"), r.get("spread")) == (scope, spread)}
+
+
 def quality(args, out: Path) -> dict:
     from tqdm.auto import tqdm
 
@@ -191,8 +198,7 @@ def quality(args, out: Path) -> dict:
     dense_ood = perplexity(dense, ood)
     partial = out / "quality_partial.json"
     rows = json.loads(partial.read_text()) if args.resume and partial.exists() else []
-    done = {(r["ratio"], r["criterion"], r["recovery"]) for r in rows
-            if (r.get("scope", "uniform"), r.get("spread")) == (args.scope, args.spread)}
+    done = done_cells(rows, args.scope, args.spread)
     cells = [(r, c, k) for r in args.ratios for c in args.criteria for k in args.recoveries
              if (r, c, k) not in done and (c, k) != ("lora", "distill-topk")]  # the schedule rebuilds its teacher
     one_shots: dict[tuple[float, str], tuple] = {}  # both recoveries start from the same one-shot model
